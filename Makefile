@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   # venv + the whole workflow on the embedded sample data
+#   make test   # venv + the test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+RAW := data/raw
+
+.PHONY: demo test lint format clean-results
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch and torchvision are pinned together (ENVIRONMENT.md): install them first.
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	test -d $(RAW) || $(BIN)/facelora sample-data $(RAW)
+	$(BIN)/snakemake --cores $(CORES) all
+	$(BIN)/facelora summary
+
+test: $(VENV)/.installed
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile rules/
+	$(BIN)/snakemake --lint
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BIN)/snakefmt Snakefile rules/
+
+clean-results:
+	rm -rf results logs .snakemake

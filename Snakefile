@@ -1,0 +1,15 @@
+# facelora: a folder of face photos -> phase datasets (-> LoRAs, in later parts).
+# Every rule runs one `facelora` command; the logic lives in src/facelora.
+# Local: snakemake --cores 2    Cluster: snakemake --profile slurm    Settings: params.yaml
+
+
+include: "rules/common.smk"
+include: "rules/faces.smk"
+include: "rules/pairs.smk"
+include: "rules/phases.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.prepare.input,

@@ -1,0 +1,23 @@
+# Settings (validated against facelora.config's schema) and helpers shared by all rules.
+from facelora.workflow import (
+    load_workflow_params,
+    output_parent,
+    put_cli_on_path,
+    raw_folder,
+    raw_images,
+    raw_sidecars,
+    settings,
+)
+
+
+configfile: "params.yaml"
+
+
+P = load_workflow_params(config)
+put_cli_on_path()
+RAW = raw_folder(P)
+RES = P.paths.results
+SHARDS = list(range(P.workflow.shards))
+N_SHARDS = P.workflow.shards
+PHASES = P.phase_names
+ENV = "../environment.yml"

@@ -1,0 +1,3 @@
+from facelora.cli import main
+
+raise SystemExit(main())

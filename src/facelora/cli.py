@@ -1,0 +1,323 @@
+"""The `facelora` command: one subcommand per workflow step (each Snakemake rule runs one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from facelora import __version__
+from facelora.config import ParamsError, load_params
+
+log = logging.getLogger("facelora")
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one message, without a traceback."""
+
+
+def _add_shard(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--shard", help="INDEX/COUNT: handle only this shard (0-based), e.g. 0/4")
+    p.add_argument("--shard-out", type=Path, help=out_help)
+    p.add_argument("--workers", type=int, default=None, help="processes (workflow.workers)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facelora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"facelora {__version__}")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="settings file (default: params.yaml)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("params", help="validate params.yaml and print every setting")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = sub.add_parser("sample-data", help="build the demo's raw dataset (no download)")
+    p.add_argument("dest", type=Path)
+
+    p = sub.add_parser("detect", help="find, landmark and embed faces in every photo")
+    p.add_argument("images_dir", type=Path)
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="faces table (.parquet); images.parquet and rejected.csv go beside it",
+    )
+    p.add_argument("--images-out", type=Path, help="with --shard: this shard's images table")
+    p.add_argument("--shard", help="INDEX/COUNT: only this shard, write shard tables")
+    p.add_argument("--workers", type=int, default=None)
+
+    p = sub.add_parser("crop", help="cut an aligned square crop of every usable face")
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--faces", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+    _add_shard(p, "with --shard: this shard's crops table")
+
+    p = sub.add_parser("pair-index", help="list candidate pairs from every layout")
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--faces", type=Path, required=True)
+    p.add_argument("--crops", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("pair", help="choose faces, cut aligned pair crops, score every pair")
+    p.add_argument("--index", type=Path, required=True)
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--faces", type=Path, required=True)
+    p.add_argument("--crops", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+    _add_shard(p, "with --shard: this shard's pairs table")
+
+    p = sub.add_parser("gather", help="merge shard tables into the final tables")
+    p.add_argument("kind", choices=["faces", "crops", "pairs"])
+    p.add_argument("shards", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="faces: the faces table to write")
+    p.add_argument("--out-dir", type=Path, help="crops, pairs: the step's folder")
+    p.add_argument("--index", type=Path, help="pairs: the pair index (for its rejects)")
+
+    p = sub.add_parser("caption", help="caption every usable pair and lint the captions")
+    p.add_argument("--pairs", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("split", help="hold out a seeded validation split of pairs")
+    p.add_argument("--pairs", type=Path, required=True)
+    p.add_argument("--captions", type=Path, required=True)
+    p.add_argument("--faces", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--validation-dir", type=Path, required=True)
+
+    p = sub.add_parser("select", help="write one phase's dataset (Kontext layout)")
+    p.add_argument("phase")
+    p.add_argument("--pairs", type=Path, required=True)
+    p.add_argument("--captions", type=Path, required=True)
+    p.add_argument("--split", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("summary", help="counts, rejection reasons and score plots")
+    p.add_argument("--results", type=Path, default=None, help="default: paths.results")
+    p.add_argument("--out-dir", type=Path, default=None, help="default: RESULTS/summary")
+    p.add_argument("--print-only", action="store_true", help="print the last summary.json")
+    return parser
+
+
+def _shard(text: str | None) -> tuple[int, int]:
+    from facelora.sharding import parse_shard
+
+    try:
+        return parse_shard(text) if text else (0, 1)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _need_shard_out(args) -> None:
+    if args.shard and not args.shard_out:
+        raise UserError("--shard needs --shard-out (where this shard's table goes)")
+
+
+def cmd_params(args, params) -> int:
+    data = params.model_dump(mode="json")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    return 0
+
+
+def cmd_sample_data(args, params) -> int:
+    from facelora.sample_data import build_sample_data
+
+    try:
+        counts = build_sample_data(args.dest)
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+    print(
+        f"sample data in {args.dest}: {counts['files']} files, {counts['pairs']} pairs "
+        f"(plus {counts['bad']} deliberately bad inputs)"
+    )
+    return 0
+
+
+def cmd_detect(args, params) -> int:
+    from facelora.faces.detect import DetectOutputs, detect_shard, gather_detections
+
+    workers = args.workers or params.workflow.workers
+    if args.shard:
+        images_out = args.images_out or args.out.with_name(
+            args.out.name.replace(".faces.parquet", "") + ".images.parquet"
+        )
+        detect_shard(args.images_dir, args.out, images_out, params, _shard(args.shard), workers)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        faces, images = Path(tmp, "0.faces.parquet"), Path(tmp, "0.images.parquet")
+        detect_shard(args.images_dir, faces, images, params, (0, 1), workers)
+        stats = gather_detections([(faces, images)], DetectOutputs.beside(args.out))
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_crop(args, params) -> int:
+    from facelora.faces.crop import crop_shard, gather_crops
+
+    _need_shard_out(args)
+    workers = args.workers or params.workflow.workers
+    if args.shard:
+        crop_shard(
+            args.raw,
+            args.faces,
+            args.images,
+            args.out_dir,
+            args.shard_out,
+            params,
+            _shard(args.shard),
+            workers,
+        )
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp, "0.crops.parquet")
+        crop_shard(args.raw, args.faces, args.images, args.out_dir, shard, params, (0, 1), workers)
+        print(json.dumps(gather_crops([shard], args.out_dir)))
+    return 0
+
+
+def cmd_pair_index(args, params) -> int:
+    from facelora.pairs.index import build_index, write_index
+
+    index, rejected = build_index(args.raw, args.images, args.faces, args.crops, params)
+    write_index(index, rejected, args.out)
+    print(json.dumps({"candidates": len(index), "rejected": len(rejected)}))
+    return 0
+
+
+def cmd_pair(args, params) -> int:
+    from facelora.pairs.score import gather_pairs, score_shard
+
+    _need_shard_out(args)
+    workers = args.workers or params.workflow.workers
+    common = (args.index, args.raw, args.faces, args.crops, args.images, args.out_dir)
+    if args.shard:
+        score_shard(*common, args.shard_out, params, _shard(args.shard), workers)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp, "0.pairs.parquet")
+        score_shard(*common, shard, params, (0, 1), workers)
+        rejected = args.index.with_name("index_rejected.csv")
+        print(json.dumps(gather_pairs([shard], rejected, args.out_dir, params)))
+    return 0
+
+
+def cmd_gather(args, params) -> int:
+    if args.kind == "faces":
+        from facelora.faces.detect import DetectOutputs, gather_detections
+
+        if not args.out:
+            raise UserError("gather faces needs --out FACES.parquet")
+        pairs = []
+        for faces in args.shards:
+            images = faces.with_name(faces.name.replace(".faces.parquet", ".images.parquet"))
+            if faces == images:
+                raise UserError(f"{faces}: shard faces tables are named N.faces.parquet")
+            pairs.append((faces, images))
+        stats = gather_detections(pairs, DetectOutputs.beside(args.out))
+    elif args.kind == "crops":
+        from facelora.faces.crop import gather_crops
+
+        if not args.out_dir:
+            raise UserError("gather crops needs --out-dir")
+        stats = gather_crops(args.shards, args.out_dir)
+    else:
+        from facelora.pairs.score import gather_pairs
+
+        if not args.out_dir or not args.index:
+            raise UserError("gather pairs needs --out-dir and --index")
+        rejected = args.index.with_name("index_rejected.csv")
+        stats = gather_pairs(args.shards, rejected, args.out_dir, params)
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_caption(args, params) -> int:
+    from facelora.captions import caption_pairs
+
+    print(json.dumps(caption_pairs(args.pairs, args.out_dir, params)))
+    return 0
+
+
+def cmd_split(args, params) -> int:
+    from facelora.split import run_split
+
+    stats = run_split(args.pairs, args.captions, args.faces, args.out, args.validation_dir, params)
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_select(args, params) -> int:
+    from facelora.phases import PhaseEmpty, run_select
+
+    try:
+        info = run_select(args.phase, args.pairs, args.captions, args.split, args.out_dir, params)
+    except PhaseEmpty as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps({k: info[k] for k in ("name", "candidates", "after_filters", "selected")}))
+    return 0
+
+
+def cmd_summary(args, params) -> int:
+    from facelora.summary import format_summary, write_summary
+
+    results = args.results or Path(params.paths.results)
+    out_dir = args.out_dir or results / "summary"
+    if args.print_only:
+        path = out_dir / "summary.json"
+        if not path.is_file():
+            raise UserError(f"{path} not found: run the workflow first (snakemake --cores 2)")
+        summary = json.loads(path.read_text())
+    else:
+        summary = write_summary(results, params, out_dir)
+    print(format_summary(summary))
+    print(f"\nplots: {out_dir / 'funnel.png'}, {out_dir / 'scores.png'}")
+    return 0
+
+
+COMMANDS = {
+    "params": cmd_params,
+    "sample-data": cmd_sample_data,
+    "detect": cmd_detect,
+    "crop": cmd_crop,
+    "pair-index": cmd_pair_index,
+    "pair": cmd_pair,
+    "gather": cmd_gather,
+    "caption": cmd_caption,
+    "split": cmd_split,
+    "select": cmd_select,
+    "summary": cmd_summary,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from facelora.faces.types import ModelFileMissing
+
+    try:
+        needs_params = args.command != "sample-data"
+        params = load_params(args.params) if needs_params else None
+        return COMMANDS[args.command](args, params)
+    except (ParamsError, UserError, ModelFileMissing, FileNotFoundError) as exc:
+        print(f"facelora {args.command}: error: {exc}", file=sys.stderr)
+        return 2

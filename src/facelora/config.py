@@ -1,0 +1,433 @@
+"""The schema of params.yaml: every setting of the workflow, validated in one place.
+
+Snakemake (rules/common.smk) and every `facelora` command load params.yaml through
+`load_params`, so a bad value fails the same way everywhere: one line per bad key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+# Score columns of results/pairs/pairs.parquet that phases may filter or rank on, and
+# whether a higher value is better (the default ranking direction).
+SCORE_COLUMNS: dict[str, bool] = {
+    "quality": True,
+    "identity_sim": True,
+    "identity_sim_ref": True,
+    "skin_delta_e": False,
+    "skin_delta_e_ref": False,
+    "hair_sim": True,
+    "pose_diff": False,
+    "bg_ssim": True,
+    "resolution": True,
+    "face_score": True,
+}
+ScoreName = Literal[
+    "quality",
+    "identity_sim",
+    "identity_sim_ref",
+    "skin_delta_e",
+    "skin_delta_e_ref",
+    "hair_sim",
+    "pose_diff",
+    "bg_ssim",
+    "resolution",
+    "face_score",
+]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or has bad values; the message names each key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --- images -------------------------------------------------------------------------------
+
+
+class ImagesParams(Section):
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp"]
+    max_pixels: PositiveInt = 100_000_000  # refuse larger images before decoding (bombs)
+    max_file_mb: PositiveInt = 200
+    alpha_background: tuple[int, int, int] = (255, 255, 255)
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_lowercase(cls, value: list[str]) -> list[str]:
+        out = [e.lower() if e.startswith(".") else "." + e.lower() for e in value]
+        if not out:
+            raise ValueError("list at least one extension, e.g. [.jpg, .png]")
+        return out
+
+    @field_validator("alpha_background")
+    @classmethod
+    def _rgb(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in value):
+            raise ValueError("each channel must be within 0..255")
+        return value
+
+
+# --- faces --------------------------------------------------------------------------------
+
+
+class DlibParams(Section):
+    detector: Literal["hog", "cnn"] = "hog"
+    upsample: Annotated[int, Field(ge=0, le=2)] = 0
+    min_score: float = 0.25  # HOG: SVM margin (false positives score ~0.1); CNN: confidence
+    cnn_model: str | None = None  # default: face_recognition_models' mmod_human_face_detector
+    landmarks_model: str | None = None  # default: the 68-point predictor
+    embedder_model: str | None = None  # default: dlib_face_recognition_resnet_model_v1
+
+
+class InsightfaceParams(Section):
+    root: str = "~/.insightface"
+    pack: str = "buffalo_l"  # a folder under ROOT/models holding det_*.onnx + the ArcFace model
+    det_size: PositiveInt = 640
+    min_score: Fraction = 0.5
+
+
+class UltralyticsParams(Section):
+    weights: str | None = None  # a YOLO face-detection .pt file (e.g. yolov8n-face.pt)
+    min_score: Fraction = 0.4
+    embedder: Literal["dlib", "insightface"] = "dlib"
+
+
+# Cosine similarity above which two faces count as one person, per embedder (measured on
+# ../shared/faces for dlib: same person >= 0.93, different people <= 0.91).
+SAME_PERSON_SIMILARITY = {"dlib": 0.92, "insightface": 0.40}
+
+
+class FacesParams(Section):
+    backend: Literal["dlib", "insightface", "ultralytics"] = "dlib"
+    # None: the embedder's default (SAME_PERSON_SIMILARITY); used by identity pairing and split
+    same_person_similarity: Fraction | None = None
+    max_side: PositiveInt = 1024  # detect on a copy at most this large; boxes map back
+    min_face_px: PositiveInt = 40  # smaller faces (full-resolution box side) are dropped
+    max_faces: PositiveInt = 10  # more faces than this: the image is rejected (crowds)
+    dlib: DlibParams = DlibParams()
+    insightface: InsightfaceParams = InsightfaceParams()
+    ultralytics: UltralyticsParams = UltralyticsParams()
+
+    @property
+    def embedder(self) -> str:
+        return self.ultralytics.embedder if self.backend == "ultralytics" else self.backend
+
+    @property
+    def same_person(self) -> float:
+        if self.same_person_similarity is not None:
+            return self.same_person_similarity
+        return SAME_PERSON_SIMILARITY[self.embedder]
+
+
+# --- crop ---------------------------------------------------------------------------------
+
+
+class CropParams(Section):
+    padding: Annotated[float, Field(ge=0.0, le=3.0)] = 0.45  # face swap 0.4-0.5, head 0.8-1.0
+    vertical_shift: Annotated[float, Field(ge=-1.0, le=1.0)] = -0.1  # of face side; <0 = up
+    align: bool = True  # rotate so the eyes are horizontal
+    min_side: PositiveInt = 512  # crop side in source pixels; smaller faces are rejected
+    output_side: PositiveInt = 1024
+    allow_upscale: bool = False  # False: a crop smaller than output_side keeps its size
+    size_multiple: PositiveInt = 64  # output sides are rounded down to this
+    png_compression: Annotated[int, Field(ge=0, le=9)] = 1
+
+    @model_validator(mode="after")
+    def _sizes(self) -> CropParams:
+        if self.output_side % self.size_multiple:
+            raise ValueError(
+                f"crop.output_side ({self.output_side}) must be a multiple of "
+                f"crop.size_multiple ({self.size_multiple})"
+            )
+        if self.min_side < self.size_multiple:
+            raise ValueError("crop.min_side must be at least crop.size_multiple")
+        return self
+
+
+# --- pairs --------------------------------------------------------------------------------
+
+
+class PairSource(Section):
+    layout: Literal["auto", "kontext", "folders", "manifest"] = "auto"
+    path: str = "."  # relative to paths.raw; a manifest file for layout=manifest
+    target: str = "target"  # folders layout: the folder of edited ("end") images
+    controls: list[str] = ["control"]  # folders layout: start folder, then reference folders
+
+
+class AutoIdentityParams(Section):
+    enabled: bool = False
+    near_duplicate: Fraction = 0.995  # above this similarity two photos count as one photo
+    max_references: Annotated[int, Field(ge=0, le=3)] = 1  # references besides the start
+    max_pairs_per_identity: PositiveInt = 50
+    change: str = "keep the same person, new photo"
+
+
+class ScoreRange(Section):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScoreRange:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is larger than max ({self.max})")
+        return self
+
+
+class PairsParams(Section):
+    sources: list[PairSource] = [PairSource()]
+    multi_face: Literal["most_changed", "largest", "all"] = "most_changed"
+    require_end_face: bool = True
+    auto_identity: AutoIdentityParams = AutoIdentityParams()
+    analysis_side: PositiveInt = 256  # scores are computed on crops resized to this side
+    bg_mask_dilation: Annotated[float, Field(ge=0.0, le=2.0)] = 0.25
+    # every pair must pass these to be usable at all (phases narrow further); e.g. for
+    # expression edits: {identity_sim: {min: 0.92}}. Face swaps change identity on purpose.
+    require: dict[ScoreName, ScoreRange] = {}
+    # weights of the composite `quality` score (hair and skin tone matter most)
+    quality_weights: dict[ScoreName, Annotated[float, Field(ge=0.0)]] = {
+        "identity_sim": 1.0,
+        "skin_delta_e": 2.0,
+        "hair_sim": 2.0,
+        "pose_diff": 0.5,
+        "bg_ssim": 1.0,
+    }
+
+    @field_validator("quality_weights")
+    @classmethod
+    def _no_self_reference(cls, value: dict[str, float]) -> dict[str, float]:
+        if "quality" in value:
+            raise ValueError("quality cannot weigh itself")
+        if not any(w > 0 for w in value.values()):
+            raise ValueError("at least one weight must be positive")
+        return value
+
+
+# --- captions -----------------------------------------------------------------------------
+
+
+class VlmParams(Section):
+    enabled: bool = False
+    model_path: str | None = None  # a local image-text-to-text model folder (e.g. Qwen2.5-VL)
+    prompt: str = (
+        "The first image is before an edit, the second after. Describe the edit as one short "
+        "imperative instruction, e.g. 'open the eyes wider'. Answer with the instruction only."
+    )
+    max_new_tokens: PositiveInt = 32
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> VlmParams:
+        if self.enabled and not self.model_path:
+            raise ValueError("captions.vlm.model_path must be set when captions.vlm.enabled")
+        return self
+
+
+class CaptionsParams(Section):
+    trigger: str = "EDITFACE"
+    template: str = "{trigger} {change}"
+    default_change: str | None = None  # used when a pair has no caption; None: reject
+    add_trigger: bool = True  # prepend the trigger when a caption lacks it
+    class_words: list[str] = ["sks", "ohwx", "a photo of", "a picture of", "an image of"]
+    max_words: PositiveInt = 60
+    reject_on_lint: bool = False  # False: violations are reported, the pair stays
+    vlm: VlmParams = VlmParams()
+
+    @field_validator("trigger")
+    @classmethod
+    def _one_token(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("the trigger must be one word without spaces, e.g. EDITFACE")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        if "{change}" not in value:
+            raise ValueError("the template must contain {change}")
+        return value
+
+
+# --- split and phases ---------------------------------------------------------------------
+
+
+class SplitParams(Section):
+    validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    min_validation: Annotated[int, Field(ge=0)] = 1
+    group_by: Literal["identity", "image", "none"] = "identity"
+
+
+class TopSelection(Section):
+    by: ScoreName = "quality"
+    order: Literal["best", "ascending", "descending"] = "best"
+    k: PositiveInt | None = None
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+
+    @model_validator(mode="after")
+    def _one_size(self) -> TopSelection:
+        if (self.k is None) == (self.fraction is None):
+            raise ValueError("give exactly one of k (a count) or fraction (0-1]")
+        return self
+
+
+class PhaseParams(Section):
+    name: str
+    steps: PositiveInt
+    init_from: str = "none"  # none | best | last (of the previous phase) | a .safetensors path
+    filters: dict[ScoreName, ScoreRange] = {}
+    top: TopSelection | None = None
+    min_pairs: PositiveInt = 1
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not SLUG.match(value):
+            raise ValueError("use lowercase letters, digits, '_' or '-' (it names a folder)")
+        return value
+
+    @field_validator("init_from")
+    @classmethod
+    def _init(cls, value: str) -> str:
+        if value not in ("none", "best", "last") and not value.endswith(".safetensors"):
+            raise ValueError("use none, best, last or a path to a .safetensors LoRA")
+        return value
+
+
+def _default_phases() -> list[PhaseParams]:
+    return [
+        PhaseParams(name="broad", steps=2000, init_from="none"),
+        PhaseParams(
+            name="skin_match",
+            steps=4000,
+            init_from="best",
+            filters={"skin_delta_e": ScoreRange(max=8.0)},
+            top=TopSelection(by="skin_delta_e", fraction=0.5),
+        ),
+        PhaseParams(
+            name="best_quality",
+            steps=1000,
+            init_from="best",
+            top=TopSelection(by="quality", fraction=0.25),
+        ),
+    ]
+
+
+# --- top level ----------------------------------------------------------------------------
+
+
+class PathsParams(Section):
+    raw: str = "data/raw"
+    results: str = "results"
+
+
+class WorkflowParams(Section):
+    shards: PositiveInt = 2  # data steps are split into this many jobs (scatter/gather)
+    workers: PositiveInt = 1  # processes inside one job
+
+
+class Params(Section):
+    seed: int = 42
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-4  # learning rate (training)
+    paths: PathsParams = PathsParams()
+    workflow: WorkflowParams = WorkflowParams()
+    images: ImagesParams = ImagesParams()
+    faces: FacesParams = FacesParams()
+    crop: CropParams = CropParams()
+    pairs: PairsParams = PairsParams()
+    captions: CaptionsParams = CaptionsParams()
+    split: SplitParams = SplitParams()
+    phases: list[PhaseParams] = Field(default_factory=_default_phases)
+
+    @model_validator(mode="after")
+    def _phase_chain(self) -> Params:
+        if not self.phases:
+            raise ValueError("phases: list at least one phase")
+        names = [p.name for p in self.phases]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"phases: names must be unique, repeated: {', '.join(dupes)}")
+        if self.phases[0].init_from in ("best", "last"):
+            raise ValueError(
+                f"phases[0].init_from: the first phase has no previous phase to start from "
+                f"({self.phases[0].init_from!r}); use none or a path to a .safetensors LoRA"
+            )
+        return self
+
+    @property
+    def phase_names(self) -> list[str]:
+        return [p.name for p in self.phases]
+
+    def phase(self, name: str) -> PhaseParams:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise ParamsError(f"no phase named {name!r} in params.yaml (phases: {self.phase_names})")
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} bad value(s):"]
+    for e in error.errors():
+        # model validators report at the model's loc; their message already names keys
+        msg = e["msg"].removeprefix("Value error, ")
+        shown = ""
+        if e["type"] not in ("missing", "extra_forbidden") and not isinstance(e.get("input"), dict):
+            shown = f" (got {e.get('input')!r})"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting (a typo? see README, 'params.yaml')"
+        key = _key(e["loc"])
+        lines.append(f"  {key}: {msg}{shown}" if key else f"  {msg}{shown}")
+    return "\n".join(lines)
+
+
+def validate_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Params:
+    """Validate a parsed params mapping. Numbers written as strings ('5e-05') become floats."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        raise ParamsError(format_errors(exc, source)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(
+            f"{path}: not found. Run facelora from the project root (where params.yaml lives) "
+            f"or pass --params PATH."
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of settings")
+    return validate_params(raw, source=str(path))

@@ -1,0 +1,1 @@
+"""Face detection, landmarks, embeddings (pluggable backends), head pose, alignment and crops."""

@@ -1,0 +1,1 @@
+"""Pairing before/after images and scoring each pair."""

@@ -1,0 +1,85 @@
+"""Hold out a validation split of pairs, seeded and grouped so nothing leaks into training.
+
+Pairs are grouped (by identity: start faces clustered by embedding; or by start photo; or not
+at all) and whole groups go to validation, chosen by a seeded hash of the group's key. A pair's
+side therefore does not change when unrelated pairs are added to the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from facelora.atomic import write_parquet
+from facelora.config import Params
+from facelora.datasets import write_kontext_dataset
+from facelora.pairs.identity import cluster_identities
+from facelora.tables import FACES, frame_records, read_table
+
+
+def trainable_pairs(pairs_path: str | Path, captions_path: str | Path) -> pd.DataFrame:
+    """Usable pairs with an accepted caption, sorted by pair_id."""
+    pairs = read_table(pairs_path)
+    captions = read_table(captions_path)
+    captions = captions.loc[captions["status"] == "ok", ["pair_id", "caption", "change"]]
+    usable = pairs[pairs["status"] == "ok"].drop(columns=["caption"])
+    return usable.merge(captions, on="pair_id").sort_values("pair_id").reset_index(drop=True)
+
+
+def _group_keys(pairs: pd.DataFrame, faces_path: str | Path, params: Params) -> list[str]:
+    how = params.split.group_by
+    if how == "none":
+        return pairs["pair_id"].tolist()
+    if how == "image":
+        return pairs["start_sha256"].tolist()
+    faces = read_table(faces_path, FACES).set_index(["image", "face_index"])["embedding"]
+    embeddings = []
+    for row in pairs.itertuples():
+        image, face = (
+            (row.start, row.start_face) if pd.notna(row.start_face) else (row.end, row.end_face)
+        )
+        embeddings.append(np.asarray(faces.loc[(image, int(face))], np.float32))
+    labels = cluster_identities(np.stack(embeddings), params.faces.same_person)
+    # name each identity group by its first start photo: stable when unrelated data is added
+    first = pd.Series(pairs["start"].to_numpy()).groupby(labels).transform("min")
+    return first.tolist()
+
+
+def assign_split(pairs: pd.DataFrame, faces_path: str | Path, params: Params) -> pd.DataFrame:
+    keys = _group_keys(pairs, faces_path, params) if len(pairs) else []
+    frame = pd.DataFrame({"pair_id": pairs["pair_id"], "group": keys, "split": "train"})
+    groups = sorted(
+        set(keys), key=lambda k: hashlib.sha256(f"{params.seed}:{k}".encode()).hexdigest()
+    )
+    wanted = max(
+        params.split.min_validation, math.ceil(params.split.validation_fraction * len(frame))
+    )
+    if params.split.validation_fraction == 0 and params.split.min_validation == 0:
+        wanted = 0
+    taken = 0
+    for group in groups[:-1]:  # always keep at least one group for training
+        if taken >= wanted:
+            break
+        members = frame["group"] == group
+        frame.loc[members, "split"] = "validation"
+        taken += int(members.sum())
+    return frame
+
+
+def run_split(
+    pairs_path, captions_path, faces_path, out_path, validation_dir, params: Params
+) -> dict:
+    pairs = trainable_pairs(pairs_path, captions_path)
+    split = assign_split(pairs, faces_path, params)
+    write_parquet(out_path, split)
+    val = pairs.merge(split[split["split"] == "validation"][["pair_id"]], on="pair_id")
+    write_kontext_dataset(validation_dir, frame_records(val), Path(pairs_path).parent)
+    return {
+        "train": int((split["split"] == "train").sum()),
+        "validation": len(val),
+        "groups": int(split["group"].nunique()),
+    }

@@ -1,0 +1,95 @@
+"""Shared fixtures: the sample dataset (built once), real photos from ../shared/faces, and a
+helper that runs the whole data half in-process on a folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facelora.config import Params
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_FACES = Path(os.environ.get("FACELORA_SHARED_FACES", ROOT.parent / "shared" / "faces"))
+
+
+@pytest.fixture(scope="session")
+def shared_faces() -> Path:
+    if not (SHARED_FACES / "same_person").is_dir():
+        pytest.skip(f"real photos not found at {SHARED_FACES} (set FACELORA_SHARED_FACES)")
+    return SHARED_FACES
+
+
+@pytest.fixture(scope="session")
+def sample_raw(tmp_path_factory) -> Path:
+    """The demo dataset, built once per test session (about 7 s)."""
+    from facelora.sample_data import build_sample_data
+
+    dest = tmp_path_factory.mktemp("sample") / "raw"
+    build_sample_data(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def astronaut_portrait(sample_raw) -> np.ndarray:
+    """An upright RGB portrait with one clear face (about 2200 px)."""
+    return np.asarray(Image.open(sample_raw / "kontext" / "astronaut_glasses_start.jpg"))
+
+
+@pytest.fixture
+def params() -> Params:
+    return Params()
+
+
+def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> Path:
+    """detect -> crop -> pair index -> pairs -> captions -> split -> phases, in-process."""
+    from facelora.captions import caption_pairs
+    from facelora.faces.crop import crop_shard, gather_crops
+    from facelora.faces.detect import DetectOutputs, detect_shard, gather_detections
+    from facelora.pairs.index import build_index, write_index
+    from facelora.pairs.score import gather_pairs, score_shard
+    from facelora.phases import run_select
+    from facelora.split import run_split
+
+    faces_dir, crops_dir, pairs_dir = results / "faces", results / "crops", results / "pairs"
+    shard_tables = []
+    for i in range(shards):
+        f, im = results / "shards" / f"{i}.faces.parquet", results / "shards" / f"{i}.images.parquet"
+        detect_shard(raw, f, im, params, (i, shards))
+        shard_tables.append((f, im))
+    gather_detections(shard_tables, DetectOutputs.beside(faces_dir / "faces.parquet"))
+    crop_tables = []
+    for i in range(shards):
+        out = results / "shards" / f"{i}.crops.parquet"
+        crop_shard(raw, faces_dir / "faces.parquet", faces_dir / "images.parquet", crops_dir, out,
+                   params, (i, shards))  # fmt: skip
+        crop_tables.append(out)
+    gather_crops(crop_tables, crops_dir)
+    index, rejected = build_index(raw, faces_dir / "images.parquet", faces_dir / "faces.parquet",
+                                  crops_dir / "crops.parquet", params)  # fmt: skip
+    write_index(index, rejected, pairs_dir / "index.parquet")
+    pair_tables = []
+    for i in range(shards):
+        out = results / "shards" / f"{i}.pairs.parquet"
+        score_shard(pairs_dir / "index.parquet", raw, faces_dir / "faces.parquet",
+                    crops_dir / "crops.parquet", faces_dir / "images.parquet", pairs_dir, out,
+                    params, (i, shards))  # fmt: skip
+        pair_tables.append(out)
+    gather_pairs(pair_tables, pairs_dir / "index_rejected.csv", pairs_dir, params)
+    caption_pairs(pairs_dir / "pairs.parquet", results / "captions", params)
+    run_split(pairs_dir / "pairs.parquet", results / "captions" / "captions.parquet",
+              faces_dir / "faces.parquet", results / "split" / "split.parquet",
+              results / "validation", params)  # fmt: skip
+    for phase in params.phase_names:
+        run_select(phase, pairs_dir / "pairs.parquet", results / "captions" / "captions.parquet",
+                   results / "split" / "split.parquet", results / "phases" / phase, params)  # fmt: skip
+    return results
+
+
+@pytest.fixture(scope="session")
+def demo_results(sample_raw, tmp_path_factory) -> Path:
+    """The data half run once, in-process, on the sample dataset with default params."""
+    return run_data_half(sample_raw, tmp_path_factory.mktemp("demo") / "results", Params())
