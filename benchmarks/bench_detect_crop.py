@@ -16,8 +16,10 @@ Run it:
     .venv/bin/python benchmarks/bench_detect_crop.py [--images DIR] [--repeat N] [--workers N]
 
 Without --images it builds the demo sample data (facelora.sample_data, about 7 s) in a
-temporary folder. Each timing is repeated --repeat times and the best is reported. It prints
-figures only; nothing is asserted.
+temporary folder (in a child process), then measures in a second child process so the
+build's memory stays out of the peak RSS figures. Models are loaded before the timed runs
+where the API allows it (the output says where it does not). Each timing is repeated
+--repeat times and the best is reported. It prints figures only; nothing is asserted.
 
 Goal: facelora's detect + crop at least 2x faster than the full-resolution baseline loop,
 at the same detection rate (the same faces found on the same images).
@@ -29,8 +31,10 @@ import argparse
 import importlib.util
 import os
 import resource
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +55,6 @@ from facelora.config import Params
 from facelora.faces.backends import make_backend
 from facelora.faces.crop import crop_shard, gather_crops
 from facelora.faces.detect import DetectOutputs, detect_shard, gather_detections
-from facelora.sample_data import build_sample_data
 
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 T = TypeVar("T")
@@ -65,7 +68,8 @@ class Result:
     faces: dict[str, int]  # image (relative name) -> faces found
     crops: int | None = None
     rss_mb: float = 0.0  # this process's peak RSS after the stage
-    child_rss_mb: float | None = None  # largest waited-for child (worker runs)
+    child_rss_mb: float | None = None  # RUSAGE_CHILDREN after the stage (worker runs)
+    worker_hwm_mb: float | None = None  # largest worker VmHWM, polled (worker runs)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -87,6 +91,61 @@ def best_of(repeat: int, run: Callable[[int], T]) -> tuple[float, T]:
         outs.append(run(i))
         times.append(time.perf_counter() - start)
     return min(times), outs[-1]
+
+
+class WorkerPeak:
+    """Largest VmHWM (peak RSS) of this process's descendants, polled from /proc (Linux).
+
+    RUSAGE_CHILDREN alone overstates workers: Linux carries ru_maxrss across fork + exec,
+    so a spawned worker starts at its parent's peak. VmHWM belongs to the worker's own
+    address space and starts at 0 on exec.
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> WorkerPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mb(self) -> float | None:
+        return self.peak_kib / 1024 if self.peak_kib else None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            for pid in _descendants(os.getpid()):
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue  # it exited between the scan and the read
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+
+
+def _descendants(root: int) -> list[int]:
+    parent: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])  # field 4: ppid
+    found, frontier = [], [root]
+    while frontier:
+        kids = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += kids
+        frontier = kids
+    return found
 
 
 # --- the image set ------------------------------------------------------------------------
@@ -125,14 +184,18 @@ def collect_images(source: Path, dest: Path, extensions: list[str]) -> tuple[lis
 # --- the methods --------------------------------------------------------------------------
 
 
-def run_floor(images_dir: Path, names: list[str]) -> dict[str, int]:
+def run_floor(images_dir: Path, names: list[str]) -> float:
+    """Decode + PNG-encode every image; returns the seconds spent decoding."""
+    decoding = 0.0
     for rel in names:
+        start = time.perf_counter()
         with Image.open(images_dir / rel) as im:
             rgb = np.asarray(im.convert("RGB"))
+        decoding += time.perf_counter() - start
         ok, _ = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), PNG_PARAMS)
         if not ok:
             raise OSError(f"PNG encoding failed for {rel}")
-    return {}
+    return decoding
 
 
 class Baseline:
@@ -151,16 +214,18 @@ class Baseline:
             str(models / "dlib_face_recognition_resnet_model_v1.dat")
         )
 
-    def image(self, path: Path) -> int:
+    def image(self, path: Path) -> list[float]:
+        """Detection scores of the faces found (each one landmarked and embedded)."""
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"))
-        rects = self.detector(rgb, 0)
+        # run(img, 0, 0.0) is detector(img, 0), plus the scores for the comparison
+        rects, scores, _ = self.detector.run(rgb, 0, 0.0)
         for rect in rects:
             shape = self.predictor(rgb, rect)
             self.net.compute_face_descriptor(rgb, shape)
-        return len(rects)
+        return list(scores)
 
-    def run(self, images_dir: Path, names: list[str]) -> dict[str, int]:
+    def run(self, images_dir: Path, names: list[str]) -> dict[str, list[float]]:
         return {rel: self.image(images_dir / rel) for rel in names}
 
 
@@ -169,6 +234,7 @@ class FaceloraRun:
     faces: dict[str, int]
     crops: int
     status: dict[str, str]  # image -> "ok" or the rejection reason
+    min_score: float  # faces.dlib.min_score: detections under it are dropped
 
 
 def run_facelora(images_dir: Path, work: Path, params: Params, workers: int) -> FaceloraRun:
@@ -198,7 +264,7 @@ def run_facelora(images_dir: Path, work: Path, params: Params, workers: int) -> 
     status = {r["image"]: r["reason"] if r["status"] != "ok" else "ok" for r in images}
     # crops written = PNG files left on disk (duplicate files share the first copy's PNGs)
     crops = sum(1 for _ in (crops_dir / "images").glob("*.png"))
-    return FaceloraRun(faces, crops, status)
+    return FaceloraRun(faces, crops, status, params.faces.dlib.min_score)
 
 
 # --- report -------------------------------------------------------------------------------
@@ -206,28 +272,39 @@ def run_facelora(images_dir: Path, work: Path, params: Params, workers: int) -> 
 
 def stage_done(r: Result) -> None:
     """One line per stage as it finishes, so a long run shows where it is."""
-    child = "" if r.child_rss_mb is None else f", children {r.child_rss_mb:.0f} MB"
+    child = ""
+    if r.child_rss_mb is not None:
+        child = f", RUSAGE_CHILDREN {r.child_rss_mb:.0f} MB"
+    if r.worker_hwm_mb is not None:
+        child += f", largest worker VmHWM {r.worker_hwm_mb:.0f} MB"
     print(f"  done {r.name}: {r.seconds:.2f} s, peak RSS {r.rss_mb:.0f} MB{child}", flush=True)
 
 
 def print_table(results: list[Result]) -> None:
     print(
         f"\n{'method':<22}{'seconds':>10}{'images/s':>10}{'faces':>8}{'crops':>8}"
-        f"{'RSS MB':>9}{'child MB':>10}"
+        f"{'RSS MB':>9}{'children':>10}{'worker':>8}"
     )
     for r in results:
         crops = "-" if r.crops is None else str(r.crops)
         child = "-" if r.child_rss_mb is None else f"{r.child_rss_mb:.0f}"
+        worker = "-" if r.worker_hwm_mb is None else f"{r.worker_hwm_mb:.0f}"
         rate = r.n_images / r.seconds if r.seconds > 0 else float("inf")
         print(
             f"{r.name:<22}{r.seconds:>10.3f}{rate:>10.2f}{r.total_faces:>8}{crops:>8}"
-            f"{r.rss_mb:>9.0f}{child:>10}"
+            f"{r.rss_mb:>9.0f}{child:>10}{worker:>8}"
         )
         for note in r.notes:
             print(f"{'':<4}note: {note}")
 
 
-def compare(floor: Result, baseline: Result, fl: list[Result], run: FaceloraRun) -> None:
+def compare(
+    floor: Result,
+    baseline: Result,
+    scores: dict[str, list[float]],
+    fl: list[Result],
+    run: FaceloraRun,
+) -> None:
     print("\nratios (time ratio > 1: facelora is slower; speed-up > 1: facelora is faster)")
     for r in fl:
         print(
@@ -235,26 +312,44 @@ def compare(floor: Result, baseline: Result, fl: list[Result], run: FaceloraRun)
             f"baseline/facelora speed-up {baseline.seconds / r.seconds:6.2f}x"
         )
     names = sorted(baseline.faces)
+    # facelora drops detections under faces.dlib.min_score; the plain loop keeps every
+    # detection over 0 (dlib's default), so count both ways
+    min_score = run.min_score
+    b_kept = {n: sum(x >= min_score for x in scores[n]) for n in names}
     b_found = sum(1 for n in names if baseline.faces[n] > 0)
+    b_found_kept = sum(1 for n in names if b_kept[n] > 0)
     f_found = sum(1 for n in names if run.faces.get(n, 0) > 0)
-    print("\ndetection rate on the same images")
-    b_faces, f_faces = baseline.total_faces, fl[0].total_faces
-    print(f"  faces found:          baseline {b_faces:4d}   facelora {f_faces:4d}")
-    print(
-        f"  images with a face:   baseline {b_found:4d}   facelora {f_found:4d}   of {len(names)}"
-    )
+    print(f"\ndetection rate on the same images ({len(names)})")
+    print("  baseline: dlib HOG detector(img, 0) at full resolution (dlib's threshold 0)")
+    print(f"  baseline>=min: the same, counting only scores >= faces.dlib.min_score {min_score}")
+    print(f"  {'':<22}{'baseline':>10}{'baseline>=min':>15}{'facelora':>10}")
+    b_faces, k_faces, f_faces = baseline.total_faces, sum(b_kept.values()), fl[0].total_faces
+    print(f"  {'faces found':<22}{b_faces:>10}{k_faces:>15}{f_faces:>10}")
+    print(f"  {'images with a face':<22}{b_found:>10}{b_found_kept:>15}{f_found:>10}")
     disagree = [n for n in names if baseline.faces[n] != run.faces.get(n, 0)]
-    print(f"  images where the face counts differ: {len(disagree)}")
-    for n in disagree:
+    disagree_kept = [n for n in names if b_kept[n] != run.faces.get(n, 0)]
+    print(
+        f"  images where the face counts differ: {len(disagree)} vs baseline, "
+        f"{len(disagree_kept)} vs baseline>=min (marked *)"
+    )
+    for n in disagree + [n for n in disagree_kept if n not in disagree]:
+        mark = "*" if n in disagree_kept else " "
+        shown = ", ".join(f"{x:.3f}" for x in scores[n])
         why = run.status.get(n, "not in images.parquet")
-        print(f"    {n}: baseline {baseline.faces[n]}, facelora {run.faces.get(n, 0)} ({why})")
+        print(
+            f"   {mark}{n}: baseline {baseline.faces[n]} [scores {shown}], "
+            f"facelora {run.faces.get(n, 0)} ({why})"
+        )
     fastest = min(fl, key=lambda r: r.seconds)
     speedup = baseline.seconds / fastest.seconds
-    same_rate = not disagree
+    fast_enough = speedup >= 2
     print(
-        f"\ngoal (>= 2x faster than baseline at the same detection rate): best speed-up "
-        f"{speedup:.2f}x ({fastest.name}), same face counts on every image: "
-        f"{'yes' if same_rate else 'no'} -> {'met' if speedup >= 2 and same_rate else 'not met'}"
+        f"\ngoal: >= 2x faster than the baseline at the same detection rate\n"
+        f"  best speed-up {speedup:.2f}x ({fastest.name}): {'yes' if fast_enough else 'no'}\n"
+        f"  same face count on every image: {'yes' if not disagree else 'no'} vs baseline, "
+        f"{'yes' if not disagree_kept else 'no'} vs baseline>=min\n"
+        f"  -> {'met' if fast_enough and not disagree_kept else 'not met'} "
+        f"(judged against baseline>=min: the same score threshold on both sides)"
     )
 
 
@@ -266,15 +361,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = Params()
 
+    if args.images is None:
+        # build_sample_data peaks near 800 MB of RSS, and a process inherits its parent's
+        # peak through fork + exec: build in one child, measure in a second, so neither the
+        # measuring process's RUSAGE_SELF nor its RUSAGE_CHILDREN includes the build
+        with tempfile.TemporaryDirectory(prefix="bench_detect_crop_sample_") as tmp:
+            sample = Path(tmp) / "sample"
+            build = (
+                "import sys; from facelora.sample_data import build_sample_data; "
+                "build_sample_data(sys.argv[1])"
+            )
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", build, str(sample)], check=True)
+            print(
+                f"sample data built in {time.perf_counter() - start:.1f} s (separate process, "
+                f"not timed below)",
+                flush=True,
+            )
+            rest = ["--repeat", str(args.repeat), "--workers", str(args.workers)]
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--images", str(sample), *rest]
+            raise SystemExit(subprocess.run(cmd, check=False).returncode)
+
     with tempfile.TemporaryDirectory(prefix="bench_detect_crop_") as tmp:
         tmp_dir = Path(tmp)
-        if args.images is None:
-            source = tmp_dir / "sample"
-            start = time.perf_counter()
-            build_sample_data(source)
-            print(f"sample data built in {time.perf_counter() - start:.1f} s (not timed below)")
-        else:
-            source = args.images
+        source = args.images
         images_dir = tmp_dir / "images"
         images_dir.mkdir()
         names, skipped = collect_images(source, images_dir, params.images.extensions)
@@ -286,16 +396,20 @@ def main(argv: list[str] | None = None) -> None:
 
         # floor: one untimed pass warms the OS file cache for every method after it
         run_floor(images_dir, names)
-        seconds, _ = best_of(args.repeat, lambda _: run_floor(images_dir, names))
+        seconds, decoding = best_of(args.repeat, lambda _: run_floor(images_dir, names))
         floor = Result("floor", seconds, len(names), dict.fromkeys(names, 0), rss_mb=peak_rss_mb())
-        floor.notes.append("decode + PNG encode only, no faces")
+        floor.notes.append(
+            f"decode + PNG encode only, no faces; decoding {decoding:.2f} s of it, "
+            f"the rest is full-resolution PNG encoding"
+        )
         stage_done(floor)
 
         start = time.perf_counter()
         base = Baseline()
         load_s = time.perf_counter() - start
         base.image(images_dir / names[0])  # warm-up: first dlib calls allocate buffers
-        seconds, found = best_of(args.repeat, lambda _: base.run(images_dir, names))
+        seconds, scores = best_of(args.repeat, lambda _: base.run(images_dir, names))
+        found = {rel: len(s) for rel, s in scores.items()}
         baseline = Result("baseline (dlib full)", seconds, len(names), found, rss_mb=peak_rss_mb())
         baseline.notes.append(f"model loading {load_s:.2f} s, excluded")
         stage_done(baseline)
@@ -310,8 +424,10 @@ def main(argv: list[str] | None = None) -> None:
         fl_results: list[Result] = []
         fl_runs: list[FaceloraRun] = []
         for workers in sorted({1, max(1, args.workers)}):
-            # warm-up: imports, file cache, first-call allocations
-            run_facelora(images_dir, tmp_dir / f"warm_w{workers}", params, workers)
+            # warm-up: imports, file cache, first-call allocations; the worker memory is
+            # polled here, not in the timed runs, so the polling costs them nothing
+            with WorkerPeak() as workers_peak:
+                run_facelora(images_dir, tmp_dir / f"warm_w{workers}", params, workers)
             seconds, run = best_of(
                 args.repeat,
                 lambda i, w=workers: run_facelora(images_dir, tmp_dir / f"run_w{w}_{i}", params, w),
@@ -330,25 +446,31 @@ def main(argv: list[str] | None = None) -> None:
             if workers == 1:
                 res.notes.append(
                     f"includes model loading inside detect_shard: one load takes "
-                    f"{backend_s:.2f} s and detect_shard loads twice (check + worker init)"
+                    f"{backend_s:.2f} s and detect_shard loads twice (check + worker init), "
+                    f"so about {2 * backend_s:.2f} s of this is loading"
                 )
             else:
                 res.notes.append(
                     f"includes starting {workers} spawned processes per step, each importing "
                     f"facelora (detect and crop) and loading the models (detect)"
                 )
-                # worker memory is not in RUSAGE_SELF: the peak of the largest finished child
+                # worker memory is not in RUSAGE_SELF
                 res.child_rss_mb = peak_rss_mb(resource.RUSAGE_CHILDREN)
+                res.worker_hwm_mb = workers_peak.mb
             fl_results.append(res)
             stage_done(res)
         results += fl_results
 
         print_table(results)
         print(
-            "(RSS MB: this process's peak RSS (RUSAGE_SELF) after the stage; worker processes "
-            "are not in it. child MB: RUSAGE_CHILDREN, the peak of the largest finished child)"
+            "memory, all peak RSS in MB after the stage:\n"
+            "  RSS MB    this process (RUSAGE_SELF); worker processes are not in it\n"
+            "  children  RUSAGE_CHILDREN: the largest finished child; Linux starts a spawned\n"
+            "            child's figure at its parent's peak, so it is at least RSS MB\n"
+            "  worker    the largest worker's own peak (VmHWM from /proc, polled during the\n"
+            "            untimed warm-up run of the same configuration)"
         )
-        compare(floor, baseline, fl_results, fl_runs[0])
+        compare(floor, baseline, scores, fl_results, fl_runs[0])
 
 
 if __name__ == "__main__":

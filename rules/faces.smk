@@ -5,8 +5,8 @@ rule detect:
     input:
         lambda w: raw_images(P, int(w.shard)),
     output:
-        faces=temp(f"{RES}/faces/shards/{{shard}}.faces.parquet"),
-        images=temp(f"{RES}/faces/shards/{{shard}}.images.parquet"),
+        faces=f"{RES}/faces/shards/{{shard}}.faces.parquet",
+        images=f"{RES}/faces/shards/{{shard}}.images.parquet",
     log:
         "logs/detect/{shard}.log",
     conda:
@@ -43,7 +43,7 @@ rule crop:
         faces=rules.gather_faces.output.faces,
         images=rules.gather_faces.output.images,
     output:
-        shard=temp(f"{RES}/crops/shards/{{shard}}.crops.parquet"),
+        shard=f"{RES}/crops/shards/{{shard}}.crops.parquet",
     log:
         "logs/crop/{shard}.log",
     conda:

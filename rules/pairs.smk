@@ -30,7 +30,7 @@ rule pair:
         faces=rules.gather_faces.output.faces,
         crops=rules.gather_crops.output.crops,
     output:
-        shard=temp(f"{RES}/pairs/shards/{{shard}}.pairs.parquet"),
+        shard=f"{RES}/pairs/shards/{{shard}}.pairs.parquet",
     log:
         "logs/pair/{shard}.log",
     conda:

@@ -57,35 +57,69 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
     faces_dir, crops_dir, pairs_dir = results / "faces", results / "crops", results / "pairs"
     shard_tables = []
     for i in range(shards):
-        f, im = results / "shards" / f"{i}.faces.parquet", results / "shards" / f"{i}.images.parquet"
+        f, im = (
+            results / "shards" / f"{i}.faces.parquet",
+            results / "shards" / f"{i}.images.parquet",
+        )
         detect_shard(raw, f, im, params, (i, shards))
         shard_tables.append((f, im))
     gather_detections(shard_tables, DetectOutputs.beside(faces_dir / "faces.parquet"))
     crop_tables = []
     for i in range(shards):
         out = results / "shards" / f"{i}.crops.parquet"
-        crop_shard(raw, faces_dir / "faces.parquet", faces_dir / "images.parquet", crops_dir, out,
-                   params, (i, shards))  # fmt: skip
+        crop_shard(
+            raw,
+            faces_dir / "faces.parquet",
+            faces_dir / "images.parquet",
+            crops_dir,
+            out,
+            params,
+            (i, shards),
+        )
         crop_tables.append(out)
     gather_crops(crop_tables, crops_dir)
-    index, rejected = build_index(raw, faces_dir / "images.parquet", faces_dir / "faces.parquet",
-                                  crops_dir / "crops.parquet", params)  # fmt: skip
+    index, rejected = build_index(
+        raw,
+        faces_dir / "images.parquet",
+        faces_dir / "faces.parquet",
+        crops_dir / "crops.parquet",
+        params,
+    )
     write_index(index, rejected, pairs_dir / "index.parquet")
     pair_tables = []
     for i in range(shards):
         out = results / "shards" / f"{i}.pairs.parquet"
-        score_shard(pairs_dir / "index.parquet", raw, faces_dir / "faces.parquet",
-                    crops_dir / "crops.parquet", faces_dir / "images.parquet", pairs_dir, out,
-                    params, (i, shards))  # fmt: skip
+        score_shard(
+            pairs_dir / "index.parquet",
+            raw,
+            faces_dir / "faces.parquet",
+            crops_dir / "crops.parquet",
+            faces_dir / "images.parquet",
+            pairs_dir,
+            out,
+            params,
+            (i, shards),
+        )
         pair_tables.append(out)
     gather_pairs(pair_tables, pairs_dir / "index_rejected.csv", pairs_dir, params)
     caption_pairs(pairs_dir / "pairs.parquet", results / "captions", params)
-    run_split(pairs_dir / "pairs.parquet", results / "captions" / "captions.parquet",
-              faces_dir / "faces.parquet", results / "split" / "split.parquet",
-              results / "validation", params)  # fmt: skip
+    run_split(
+        pairs_dir / "pairs.parquet",
+        results / "captions" / "captions.parquet",
+        faces_dir / "faces.parquet",
+        results / "split" / "split.parquet",
+        results / "validation",
+        params,
+    )
     for phase in params.phase_names:
-        run_select(phase, pairs_dir / "pairs.parquet", results / "captions" / "captions.parquet",
-                   results / "split" / "split.parquet", results / "phases" / phase, params)  # fmt: skip
+        run_select(
+            phase,
+            pairs_dir / "pairs.parquet",
+            results / "captions" / "captions.parquet",
+            results / "split" / "split.parquet",
+            results / "phases" / phase,
+            params,
+        )
     return results
 
 

@@ -43,7 +43,10 @@ def test_dvc_writes_numbers_as_strings_and_they_load_as_floats(tmp_path):
         ({"pairs": {"require": {"not_a_score": {"min": 1}}}}, "pairs.require.not_a_score"),
         ({"phases": [{"name": "Bad Name", "steps": 1}]}, "phases[0].name"),
         ({"phases": [{"name": "a", "steps": 0}]}, "phases[0].steps"),
-        ({"phases": [{"name": "a", "steps": 1, "top": {"k": 3, "fraction": 0.5}}]}, "phases[0].top"),
+        (
+            {"phases": [{"name": "a", "steps": 1, "top": {"k": 3, "fraction": 0.5}}]},
+            "phases[0].top",
+        ),
         ({"crop": {"paddding": 0.4}}, "crop.paddding"),
     ],
 )

@@ -116,8 +116,12 @@ def test_alignment_on_a_rotated_real_portrait(tmp_path, astronaut_portrait):
     params = validate_params({"crop": {"min_side": 256}})
     out = tmp_path / "out"
     detect_shard(raw, out / "0.f.parquet", out / "0.i.parquet", params)
-    gather_detections([(out / "0.f.parquet", out / "0.i.parquet")], DetectOutputs.beside(out / "faces.parquet"))
-    crop_shard(raw, out / "faces.parquet", out / "images.parquet", out / "crops", out / "c.parquet", params)
+    gather_detections(
+        [(out / "0.f.parquet", out / "0.i.parquet")], DetectOutputs.beside(out / "faces.parquet")
+    )
+    crop_shard(
+        raw, out / "faces.parquet", out / "images.parquet", out / "crops", out / "c.parquet", params
+    )
     gather_crops([out / "c.parquet"], out / "crops")
     crops = pd.read_parquet(out / "crops" / "crops.parquet")
     row = crops[crops["status"] == "ok"].iloc[0]

@@ -47,7 +47,9 @@ def test_portrait_face_found_with_landmarks_inside_the_box(tmp_path, astronaut_p
     assert abs(face["roll"]) < 10 and abs(face["yaw"]) < 25
 
 
-def test_boxes_from_the_downscaled_copy_map_back_to_full_resolution(tmp_path, astronaut_portrait, backend):
+def test_boxes_from_the_downscaled_copy_map_back_to_full_resolution(
+    tmp_path, astronaut_portrait, backend
+):
     Image.fromarray(astronaut_portrait).save(tmp_path / "p.jpg", quality=95)
     small = validate_params({"faces": {"max_side": 640}})
     full = validate_params({"faces": {"max_side": 4096}})
@@ -79,12 +81,16 @@ def test_exif_rotated_photo_is_detected_upright(tmp_path, astronaut_portrait, ba
 
 def test_no_face_many_faces_and_tiny_faces_are_recorded(tmp_path, sample_raw):
     group = sample_raw / "kontext" / "group_glasses_start.jpg"
-    for name, settings in [("crowd", {"faces": {"max_faces": 3}}),
-                           ("tiny", {"faces": {"min_face_px": 200}})]:  # fmt: skip
+    for name, settings in [
+        ("crowd", {"faces": {"max_faces": 3}}),
+        ("tiny", {"faces": {"min_face_px": 200}}),
+    ]:
         folder = tmp_path / name / "raw"
         folder.mkdir(parents=True)
         (folder / "group.jpg").write_bytes(group.read_bytes())
-        (folder / "coffee.jpg").write_bytes((sample_raw / "bad" / "coffee_no_face.jpg").read_bytes())
+        (folder / "coffee.jpg").write_bytes(
+            (sample_raw / "bad" / "coffee_no_face.jpg").read_bytes()
+        )
         faces, images, rejected = detect_folder(folder, tmp_path / name, validate_params(settings))
         reasons = dict(zip(rejected["image"], rejected["reason"], strict=True))
         assert reasons["coffee.jpg"].startswith("no face found")
@@ -99,7 +105,9 @@ def test_no_face_many_faces_and_tiny_faces_are_recorded(tmp_path, sample_raw):
 def test_group_photo_faces_ordered_largest_first(tmp_path, sample_raw):
     folder = tmp_path / "raw"
     folder.mkdir()
-    (folder / "g.jpg").write_bytes((sample_raw / "kontext" / "group_glasses_start.jpg").read_bytes())
+    (folder / "g.jpg").write_bytes(
+        (sample_raw / "kontext" / "group_glasses_start.jpg").read_bytes()
+    )
     faces, _, _ = detect_folder(folder, tmp_path)
     assert list(faces["face_index"]) == list(range(6))
     areas = ((faces["x1"] - faces["x0"]) * (faces["y1"] - faces["y0"])).to_numpy()
@@ -134,10 +142,16 @@ def test_every_file_of_the_sample_data_is_accounted_for(demo_results, sample_raw
 def test_sharded_detection_equals_unsharded(tmp_path, sample_raw):
     """3 shards gathered give byte-identical tables to 1 shard."""
     subset = tmp_path / "raw"
-    for rel in ["kontext/astronaut_glasses_start.jpg", "kontext/grace_hopper_warm_start.jpg",
-                "kontext/group_glasses_start.jpg", "bad/empty.jpg", "bad/truncated.jpg",
-                "folders/target/t1_person1_warm.jpg", "manifest/before/t1_person5_lips.jpg",
-                "kontext/Grace Hopper – lips_end.jpg"]:  # fmt: skip
+    for rel in [
+        "kontext/astronaut_glasses_start.jpg",
+        "kontext/grace_hopper_warm_start.jpg",
+        "kontext/group_glasses_start.jpg",
+        "bad/empty.jpg",
+        "bad/truncated.jpg",
+        "folders/target/t1_person1_warm.jpg",
+        "manifest/before/t1_person5_lips.jpg",
+        "kontext/Grace Hopper – lips_end.jpg",
+    ]:
         (subset / rel).parent.mkdir(parents=True, exist_ok=True)
         (subset / rel).write_bytes((sample_raw / rel).read_bytes())
     (tmp_path / "one").mkdir()
@@ -151,8 +165,11 @@ def test_sharded_detection_equals_unsharded(tmp_path, sample_raw):
 def test_two_worker_processes_give_the_same_tables(tmp_path, sample_raw):
     subset = tmp_path / "raw"
     subset.mkdir()
-    for rel in ["kontext/astronaut_glasses_start.jpg", "kontext/group_glasses_start.jpg",
-                "bad/empty.jpg"]:  # fmt: skip
+    for rel in [
+        "kontext/astronaut_glasses_start.jpg",
+        "kontext/group_glasses_start.jpg",
+        "bad/empty.jpg",
+    ]:
         (subset / rel.replace("/", "_")).write_bytes((sample_raw / rel).read_bytes())
     outs = []
     for workers in (1, 2):
@@ -165,7 +182,7 @@ def test_two_worker_processes_give_the_same_tables(tmp_path, sample_raw):
 
 @pytest.mark.shared_faces
 def test_real_photos(tmp_path, shared_faces):
-    faces, images, rejected = detect_folder(shared_faces, tmp_path)
+    _, images, rejected = detect_folder(shared_faces, tmp_path)
     per_image = images.set_index("image")["n_faces"]
     for path in (shared_faces / "same_person").rglob("*"):
         if path.is_file() and path.stat().st_size > 20_000:  # not the 150 px aligned crops

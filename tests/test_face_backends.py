@@ -44,16 +44,20 @@ def _conv_head(name: str, x: str, stride: int, per_anchor: int, weight, bias) ->
     channels = 2 * per_anchor
     nodes = [
         helper.make_node(
-            "Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_conv"],
-            kernel_shape=[stride, stride], strides=[stride, stride],
+            "Conv",
+            [x, f"{name}_w", f"{name}_b"],
+            [f"{name}_conv"],
+            kernel_shape=[stride, stride],
+            strides=[stride, stride],
         ),
-    ]  # fmt: skip
+    ]
     inits = [
-        numpy_helper.from_array(np.asarray(weight, np.float32).reshape(channels, 3, stride, stride),
-                                f"{name}_w"),
+        numpy_helper.from_array(
+            np.asarray(weight, np.float32).reshape(channels, 3, stride, stride), f"{name}_w"
+        ),
         numpy_helper.from_array(np.asarray(bias, np.float32).reshape(channels), f"{name}_b"),
         numpy_helper.from_array(np.array([-1, per_anchor], np.int64), f"{name}_shape"),
-    ]  # fmt: skip
+    ]
     last = f"{name}_conv"
     if per_anchor == 1:
         nodes.append(helper.make_node("Sigmoid", [last], [f"{name}_sig"]))
@@ -96,11 +100,12 @@ def write_scrfd(path: Path, gain: float = 12.0) -> None:
                 helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"n{s}", per_anchor])
             )
     graph = helper.make_graph(
-        nodes, "tiny_scrfd",
+        nodes,
+        "tiny_scrfd",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
         outputs["score"] + outputs["bbox"] + outputs["kps"],
         initializer=inits,
-    )  # fmt: skip
+    )
     _save(graph, path)
 
 
@@ -116,11 +121,12 @@ def write_arcface(path: Path, dim: int = 512, side: int = 112) -> None:
         helper.make_node("MatMul", ["flat", "proj"], ["fc1"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_arcface",
+        nodes,
+        "tiny_arcface",
         [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, side, side])],
         [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [1, dim])],
         initializer=[numpy_helper.from_array(weight, "proj")],
-    )  # fmt: skip
+    )
     _save(graph, path)
 
 

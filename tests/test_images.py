@@ -158,10 +158,15 @@ def test_exif_rotation_is_applied(tmp_path, rgb):
 @pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_every_exif_orientation_comes_out_upright(tmp_path, rgb, orientation):
     inverse = {  # what a camera stores for each tag, so that the fix gives `rgb` back
-        1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud,
-        5: lambda a: np.transpose(a, (1, 0, 2)), 6: lambda a: np.rot90(a, 1),
-        7: lambda a: np.rot90(np.transpose(a, (1, 0, 2)), 2), 8: lambda a: np.rot90(a, -1),
-    }  # fmt: skip
+        1: lambda a: a,
+        2: np.fliplr,
+        3: lambda a: np.rot90(a, 2),
+        4: np.flipud,
+        5: lambda a: np.transpose(a, (1, 0, 2)),
+        6: lambda a: np.rot90(a, 1),
+        7: lambda a: np.rot90(np.transpose(a, (1, 0, 2)), 2),
+        8: lambda a: np.rot90(a, -1),
+    }
     stored = np.ascontiguousarray(inverse[orientation](rgb))
     exif = Image.Exif()
     exif[0x0112] = orientation

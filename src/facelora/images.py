@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from facelora.config import ImagesParams
 
@@ -147,8 +148,10 @@ def read_image(
     digest = hashlib.sha256(data).hexdigest()
     try:
         im = Image.open(io.BytesIO(data))
-    except Exception as exc:  # PIL raises many types for non-images
-        raise ImageRejected(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    except UnidentifiedImageError:
+        raise ImageRejected("not a readable image (unknown format, or not an image)") from None
+    except Exception as exc:  # PIL raises many types for broken headers
+        raise ImageRejected(f"not a readable image ({_describe(exc)})") from None
     if im.format not in ACCEPTED_FORMATS:
         raise ImageRejected(
             f"unsupported image format {im.format} inside {path.suffix or 'a file'} "
@@ -206,11 +209,16 @@ def read_image(
     return LoadedImage(info=info, rgb=np.ascontiguousarray(rgb), scale=scale)
 
 
+def _describe(exc: Exception) -> str:
+    """The error, without memory addresses (reasons must be reproducible)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
+
+
 def _load(im: Image.Image) -> None:
     try:
         im.load()
     except Exception as exc:
-        reason = f"truncated or corrupt image data ({type(exc).__name__}: {exc})"
+        reason = f"truncated or corrupt image data ({_describe(exc)})"
         raise ImageRejected(reason) from None
 
 

@@ -8,7 +8,6 @@ side therefore does not change when unrelated pairs are added to the data.
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 
 import numpy as np
@@ -49,24 +48,26 @@ def _group_keys(pairs: pd.DataFrame, faces_path: str | Path, params: Params) -> 
     return first.tolist()
 
 
+def _unit_hash(seed: int, key: str) -> float:
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16) / 16**15
+
+
 def assign_split(pairs: pd.DataFrame, faces_path: str | Path, params: Params) -> pd.DataFrame:
+    """A group goes to validation when its seeded hash falls below the fraction, so adding
+    data never moves an existing group; min_validation tops up with the lowest hashes."""
     keys = _group_keys(pairs, faces_path, params) if len(pairs) else []
     frame = pd.DataFrame({"pair_id": pairs["pair_id"], "group": keys, "split": "train"})
-    groups = sorted(
-        set(keys), key=lambda k: hashlib.sha256(f"{params.seed}:{k}".encode()).hexdigest()
-    )
-    wanted = max(
-        params.split.min_validation, math.ceil(params.split.validation_fraction * len(frame))
-    )
-    if params.split.validation_fraction == 0 and params.split.min_validation == 0:
-        wanted = 0
-    taken = 0
-    for group in groups[:-1]:  # always keep at least one group for training
-        if taken >= wanted:
+    groups = sorted(set(keys), key=lambda k: _unit_hash(params.seed, k))
+    fraction = params.split.validation_fraction
+    chosen = {g for g in groups if _unit_hash(params.seed, g) < fraction}
+    sizes = frame["group"].value_counts()
+    for group in groups:
+        if sum(sizes[g] for g in chosen) >= params.split.min_validation:
             break
-        members = frame["group"] == group
-        frame.loc[members, "split"] = "validation"
-        taken += int(members.sum())
+        chosen.add(group)
+    if groups and len(chosen) == len(groups):  # always keep a group for training
+        chosen.discard(groups[-1])
+    frame.loc[frame["group"].isin(chosen), "split"] = "validation"
     return frame
 
 

@@ -129,23 +129,30 @@ class PairScorer:
 
     # --- face choice ----------------------------------------------------------------------
 
-    def _face_options(self, cand: dict, scale: tuple[float, float]) -> list[tuple]:
+    def _face_options(self, cand: dict, scale: tuple[float, float], shared: bool) -> list[tuple]:
+        """(start face, end face or None) options. Same geometry: faces match by overlap of
+        the rescaled boxes; otherwise (a cropped end, say) by embedding similarity."""
         starts, ends = self.faces.get(cand["start"], []), self.faces.get(cand["end"], [])
+        if not starts:
+            return [(None, e) for e in ends]
+        factor = np.array([scale[0], scale[1], scale[0], scale[1]])
+
+        def affinity(s: dict, e: dict) -> float:
+            if shared:
+                iou = _iou(_box(s) * factor, _box(e))
+                return iou if iou >= MATCH_IOU else -1.0
+            sim = quality.identity_similarity(s["embedding"], e["embedding"])
+            return sim if sim >= self.params.faces.same_person else -1.0
+
         options, used = [], set()
         for s in starts:
-            sb = _box(s) * np.array([scale[0], scale[1], scale[0], scale[1]])
-            best = max(ends, key=lambda e: _iou(sb, _box(e)), default=None)
-            if (
-                best is not None
-                and _iou(sb, _box(best)) >= MATCH_IOU
-                and best["face_index"] not in used
-            ):
-                used.add(best["face_index"])
-                options.append((s, best))
+            scored = [(affinity(s, e), e) for e in ends if e["face_index"] not in used]
+            best = max(scored, key=lambda t: t[0], default=(-1.0, None))
+            if best[0] >= 0:
+                used.add(best[1]["face_index"])
+                options.append((s, best[1]))
             else:
                 options.append((s, None))
-        if not starts:
-            options = [(None, e) for e in ends]
         return options
 
     def _changes(self, cand: dict, options: list[tuple], scale: tuple[float, float]) -> list[float]:
@@ -200,7 +207,7 @@ class PairScorer:
         si, ei = self.images[base["start"]], self.images[base["end"]]
         scale = (ei["width"] / si["width"], ei["height"] / si["height"])
         shared = abs(scale[0] - scale[1]) <= ASPECT_TOLERANCE * max(scale)
-        options = self._face_options(base, scale)
+        options = self._face_options(base, scale, shared)
         if not options:
             raise PairRejected(
                 f"no face in start ({self._no_face_reason(base['start'])}) "
