@@ -7,8 +7,10 @@ import pytest
 from PIL import Image
 
 from facelora.config import Params, validate_params
-from facelora.faces.backends import make_backend
+from facelora.faces import detect as detect_module
+from facelora.faces.backends import FaceBackend, make_backend
 from facelora.faces.detect import DetectOutputs, analyse_image, detect_shard, gather_detections
+from facelora.images import read_file
 
 
 def detect_folder(folder, out_dir, params=None, shards=1):
@@ -26,6 +28,10 @@ def detect_folder(folder, out_dir, params=None, shards=1):
     )
 
 
+def analyse(rel, path, params, backend):
+    return analyse_image(rel, read_file(path, params.images), params, backend)
+
+
 @pytest.fixture(scope="module")
 def backend():
     return make_backend(Params().faces)
@@ -33,7 +39,7 @@ def backend():
 
 def test_portrait_face_found_with_landmarks_inside_the_box(tmp_path, astronaut_portrait, backend):
     Image.fromarray(astronaut_portrait).save(tmp_path / "p.jpg", quality=95)
-    row, faces = analyse_image("p.jpg", tmp_path / "p.jpg", Params(), backend)
+    row, faces = analyse("p.jpg", tmp_path / "p.jpg", Params(), backend)
     assert row["status"] == "ok" and row["n_faces"] == 1 and len(faces) == 1
     face = faces[0]
     lm = np.array(face["landmarks"])
@@ -53,8 +59,8 @@ def test_boxes_from_the_downscaled_copy_map_back_to_full_resolution(
     Image.fromarray(astronaut_portrait).save(tmp_path / "p.jpg", quality=95)
     small = validate_params({"faces": {"max_side": 640}})
     full = validate_params({"faces": {"max_side": 4096}})
-    _, (a,) = analyse_image("p.jpg", tmp_path / "p.jpg", small, backend)
-    _, (b,) = analyse_image("p.jpg", tmp_path / "p.jpg", full, backend)
+    _, (a,) = analyse("p.jpg", tmp_path / "p.jpg", small, backend)
+    _, (b,) = analyse("p.jpg", tmp_path / "p.jpg", full, backend)
     side = b["x1"] - b["x0"]
     assert side > 300  # a full-resolution box, not one of the 640 px copy
     for k in ("x0", "y0", "x1", "y1"):
@@ -70,8 +76,8 @@ def test_exif_rotated_photo_is_detected_upright(tmp_path, astronaut_portrait, ba
     exif[0x0112] = 8  # stored turned the other way; the viewer rotates 90 degrees
     stored = np.ascontiguousarray(np.rot90(upright, k=-1))
     Image.fromarray(stored).save(tmp_path / "rot.jpg", quality=95, exif=exif.tobytes())
-    _, (a,) = analyse_image("up.jpg", tmp_path / "up.jpg", Params(), backend)
-    row, faces = analyse_image("rot.jpg", tmp_path / "rot.jpg", Params(), backend)
+    _, (a,) = analyse("up.jpg", tmp_path / "up.jpg", Params(), backend)
+    row, faces = analyse("rot.jpg", tmp_path / "rot.jpg", Params(), backend)
     assert row["orientation"] == 8 and len(faces) == 1
     assert (row["width"], row["height"]) == (upright.shape[1], upright.shape[0])
     b = faces[0]
@@ -196,3 +202,38 @@ def test_real_photos(tmp_path, shared_faces):
     assert per_image["group/insightface_t1.jpg"] == 6
     # the RGBA PNG is composited and still found
     assert per_image["same_person/alex_lacamoire/alex-lacamoire.png"] == 1
+
+
+def test_low_confidence_faces_get_their_own_reason(tmp_path, astronaut_portrait, backend):
+    Image.fromarray(astronaut_portrait).save(tmp_path / "p.jpg", quality=95)
+    strict = validate_params({"faces": {"dlib": {"min_score": 5.0}}})
+    row, faces = analyse("p.jpg", tmp_path / "p.jpg", strict, make_backend(strict.faces))
+    assert faces == [] and row["status"] == "rejected"
+    assert row["reason"].startswith("only low-confidence faces: ")
+    assert "< faces.dlib.min_score 5.0" in row["reason"]
+
+
+def test_identical_files_are_analysed_once_per_job(tmp_path, astronaut_portrait, monkeypatch):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    Image.fromarray(astronaut_portrait).save(raw / "a.jpg", quality=90)
+    (raw / "b copy.jpg").write_bytes((raw / "a.jpg").read_bytes())
+    calls = []
+    real = make_backend(Params().faces)
+
+    class CountingDetector:
+        name = real.detector.name
+        min_score = real.detector.min_score
+
+        def detect(self, rgb):
+            calls.append(rgb.shape)
+            return real.detector.detect(rgb)
+
+    monkeypatch.setattr(
+        detect_module, "make_backend", lambda _: FaceBackend(CountingDetector(), real.embedder)
+    )
+    faces, images, _ = detect_folder(raw, tmp_path)
+    assert len(calls) == 1
+    a, b = faces[faces["image"] == "a.jpg"].iloc[0], faces[faces["image"] == "b copy.jpg"].iloc[0]
+    assert list(a["embedding"]) == list(b["embedding"]) and a["x0"] == b["x0"]
+    assert images.set_index("image").loc["b copy.jpg", "duplicate_of"] == "a.jpg"

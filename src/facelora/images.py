@@ -121,18 +121,15 @@ def scan_images(root: str | Path, params: ImagesParams) -> Iterator[tuple[str, P
                 yield rel, path, None
 
 
-def read_image(
-    path: str | Path,
-    params: ImagesParams,
-    max_side: int | None = None,
-    min_scale: float = 1.0,
-) -> LoadedImage:
-    """Decode a photo upright as RGB uint8.
+@dataclass
+class RawFile:
+    data: bytes
+    sha256: str
+    suffix: str
 
-    max_side: return a copy whose longer side is at most this (JPEGs decode directly at a
-    reduced scale, which is much faster). min_scale: allow JPEG reduced decoding down to this
-    fraction of full resolution (used when the caller needs less than full resolution).
-    """
+
+def read_file(path: str | Path, params: ImagesParams) -> RawFile:
+    """The file's bytes and their SHA-256, after the size checks."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -145,7 +142,32 @@ def read_image(
             f"file too large: {size / 2**20:.0f} MB > images.max_file_mb {params.max_file_mb}"
         )
     data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    return RawFile(data, hashlib.sha256(data).hexdigest(), path.suffix)
+
+
+def read_image(
+    path: str | Path,
+    params: ImagesParams,
+    max_side: int | None = None,
+    min_scale: float = 1.0,
+) -> LoadedImage:
+    """Decode a photo upright as RGB uint8 (see decode_image)."""
+    return decode_image(read_file(path, params), params, max_side, min_scale)
+
+
+def decode_image(
+    raw: RawFile,
+    params: ImagesParams,
+    max_side: int | None = None,
+    min_scale: float = 1.0,
+) -> LoadedImage:
+    """Decode a photo upright as RGB uint8.
+
+    max_side: return a copy whose longer side is at most this (JPEGs decode directly at a
+    reduced scale, which is much faster). min_scale: allow JPEG reduced decoding down to this
+    fraction of full resolution (used when the caller needs less than full resolution).
+    """
+    data, digest, size = raw.data, raw.sha256, len(raw.data)
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -154,7 +176,7 @@ def read_image(
         raise ImageRejected(f"not a readable image ({_describe(exc)})") from None
     if im.format not in ACCEPTED_FORMATS:
         raise ImageRejected(
-            f"unsupported image format {im.format} inside {path.suffix or 'a file'} "
+            f"unsupported image format {im.format} inside {raw.suffix or 'a file'} "
             f"(supported: JPEG, PNG, WebP)"
         )
     w, h = im.size

@@ -16,6 +16,15 @@ class FaceBackend:
     embedder: Embedder
 
     @property
+    def min_score(self) -> float:
+        """Detections below this are kept out (detectors that filter inside report -inf)."""
+        return getattr(self.detector, "min_score", float("-inf"))
+
+    @property
+    def min_score_setting(self) -> str:
+        return getattr(self.detector, "min_score_setting", "the detector's min_score")
+
+    @property
     def name(self) -> str:
         return f"{self.detector.name}+{self.embedder.name}"
 

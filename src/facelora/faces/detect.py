@@ -10,6 +10,7 @@ tables an unsharded run writes.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from facelora.config import Params
 from facelora.faces.align import face_frame
 from facelora.faces.backends import FaceBackend, make_backend
 from facelora.faces.pose import head_pose
-from facelora.images import ImageRejected, read_image, scan_images
+from facelora.images import ImageRejected, RawFile, decode_image, read_file, scan_images
 from facelora.parallel import ordered_map
 from facelora.sharding import in_shard
 from facelora.tables import FACES, IMAGES, ParquetRowWriter
@@ -54,12 +55,15 @@ def _image_row(rel: str, **values) -> dict:
     return row
 
 
-def analyse_image(rel: str, path: Path, params: Params, backend: FaceBackend) -> tuple[dict, list]:
+def analyse_image(
+    rel: str, raw: RawFile, params: Params, backend: FaceBackend
+) -> tuple[dict, list]:
     """Detect, landmark and embed the faces of one file. Never raises for bad input."""
     try:
-        loaded = read_image(path, params.images, max_side=params.faces.max_side)
+        loaded = decode_image(raw, params.images, max_side=params.faces.max_side)
     except ImageRejected as exc:
-        return _image_row(rel, status="rejected", reason=exc.reason), []
+        return _image_row(rel, status="rejected", reason=exc.reason, sha256=raw.sha256,
+                          bytes=len(raw.data)), []  # fmt: skip
     info = loaded.info
     row = _image_row(
         rel,
@@ -74,35 +78,35 @@ def analyse_image(rel: str, path: Path, params: Params, backend: FaceBackend) ->
         notes="; ".join(info.notes) or None,
     )
     to_full = 1.0 / loaded.scale
-    detections = backend.detect(loaded.rgb)
+    found = backend.detect(loaded.rgb)
+    detections = [d for d in found if d.score >= backend.min_score]
     min_px = params.faces.min_face_px * loaded.scale
     kept = [d for d in detections if d.side >= min_px]
     row["n_small_faces"] = len(detections) - len(kept)
-    if not detections:
+    if not found:
         smallest = DETECTOR_MIN_FACE_PX * to_full
-        row.update(
-            status="rejected",
-            reason=(
-                f"no face found (faces under about {smallest:.0f} px are missed at faces.max_side "
-                f"{params.faces.max_side}; raise it to find smaller faces)"
-            ),
-        )
+        row.update(status="rejected", reason=(
+            f"no face found (faces under about {smallest:.0f} px are missed at faces.max_side "
+            f"{params.faces.max_side}; raise it to find smaller faces)"
+        ))  # fmt: skip
+        return row, []
+    if not detections:
+        best = max(d.score for d in found)
+        row.update(status="rejected", reason=(
+            f"only low-confidence faces: {len(found)} found, best score {best:.2f} < "
+            f"{backend.min_score_setting} {backend.min_score}"
+        ))  # fmt: skip
         return row, []
     if not kept:
-        row.update(
-            status="rejected",
-            reason=(
-                f"only tiny faces: {len(detections)} face(s) smaller than faces.min_face_px "
-                f"{params.faces.min_face_px}"
-            ),
-        )
+        row.update(status="rejected", reason=(
+            f"only tiny faces: {len(detections)} face(s) smaller than faces.min_face_px "
+            f"{params.faces.min_face_px}"
+        ))  # fmt: skip
         return row, []
     if len(kept) > params.faces.max_faces:
-        row.update(
-            n_faces=len(kept),
-            status="rejected",
-            reason=(f"too many faces: {len(kept)} > faces.max_faces {params.faces.max_faces}"),
-        )
+        row.update(n_faces=len(kept), status="rejected", reason=(
+            f"too many faces: {len(kept)} > faces.max_faces {params.faces.max_faces}"
+        ))  # fmt: skip
         return row, []
     # face 0 is the largest; ties broken left to right, so the order is reproducible
     kept.sort(key=lambda d: (-round(d.area, 3), float(d.box[0]), float(d.box[1])))
@@ -139,18 +143,37 @@ def analyse_image(rel: str, path: Path, params: Params, backend: FaceBackend) ->
 # --- worker processes ---------------------------------------------------------------------
 
 _worker: dict = {}
+# Edit datasets often repeat one photo under several names (the same start for many edits):
+# results are kept per content hash and reused, within one job, for this many recent files.
+DUPLICATE_CACHE_SIZE = 4096
 
 
-def _init_worker(params: Params) -> None:
+def _init_worker(params: Params, backend: FaceBackend | None = None) -> None:
+    _worker.clear()
     _worker["params"] = params
-    _worker["backend"] = make_backend(params.faces)
+    _worker["backend"] = backend or make_backend(params.faces)
+    _worker["seen"] = OrderedDict()
 
 
 def _work(item: tuple[str, str, str | None]) -> tuple[dict, list]:
     rel, path, reason = item
     if reason is not None:
         return _image_row(rel, status="rejected", reason=reason), []
-    return analyse_image(rel, Path(path), _worker["params"], _worker["backend"])
+    params = _worker["params"]
+    try:
+        raw = read_file(path, params.images)
+    except ImageRejected as exc:
+        return _image_row(rel, status="rejected", reason=exc.reason), []
+    seen: OrderedDict = _worker["seen"]
+    if raw.sha256 in seen:
+        seen.move_to_end(raw.sha256)
+        row, faces = seen[raw.sha256]
+        return {**row, "image": rel}, [{**f, "image": rel} for f in faces]
+    result = analyse_image(rel, raw, params, _worker["backend"])
+    seen[raw.sha256] = result
+    if len(seen) > DUPLICATE_CACHE_SIZE:
+        seen.popitem(last=False)
+    return result
 
 
 def detect_shard(
@@ -162,7 +185,8 @@ def detect_shard(
     workers: int = 1,
 ) -> tuple[int, int]:
     """Write this shard's faces and images tables. Returns (files, faces)."""
-    make_backend(params.faces)  # fail early, once, with the missing-model message
+    # load the models here: a missing file fails once, with its message, before any work
+    backend = make_backend(params.faces)
     items = [
         (rel, str(path), reason)
         for rel, path, reason in scan_images(images_dir, params.images)
@@ -173,13 +197,17 @@ def detect_shard(
         ParquetRowWriter(faces_out, FACES) as faces_w,
         ParquetRowWriter(images_out, IMAGES) as images_w,
     ):
-        results = ordered_map(_work, items, workers, _init_worker, (params,))
+        init_args = (params, backend) if workers <= 1 else (params,)
+        if workers > 1:
+            del backend  # each worker process loads its own
+        results = ordered_map(_work, items, workers, _init_worker, init_args)
         bar = tqdm(results, total=len(items), desc="detect", unit="img")
         for image_row, face_rows in bar:
             images_w.add(image_row)
             for face_row in face_rows:
                 faces_w.add(face_row)
             n_faces += len(face_rows)
+    _worker.clear()  # release the models
     log.info("shard %d/%d: %d files, %d faces", shard[0], shard[1], len(items), n_faces)
     return len(items), n_faces
 
