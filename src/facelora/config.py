@@ -96,6 +96,9 @@ class DlibParams(Section):
     cnn_model: str | None = None  # default: face_recognition_models' mmod_human_face_detector
     landmarks_model: str | None = None  # default: the 68-point predictor
     embedder_model: str | None = None  # default: dlib_face_recognition_resnet_model_v1
+    # torch: the same network and weights run by PyTorch in batches (matches dlib to 1e-6,
+    # about 8x faster); dlib: dlib's own implementation
+    embedder_runtime: Literal["torch", "dlib"] = "torch"
 
 
 class InsightfaceParams(Section):

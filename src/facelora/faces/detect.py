@@ -149,6 +149,11 @@ DUPLICATE_CACHE_SIZE = 4096
 
 
 def _init_worker(params: Params, backend: FaceBackend | None = None) -> None:
+    import torch
+
+    # one thread per worker: jobs use the cores they were given, and results do not depend
+    # on the thread count (summation order), so sharded runs match unsharded ones exactly
+    torch.set_num_threads(1)
     _worker.clear()
     _worker["params"] = params
     _worker["backend"] = backend or make_backend(params.faces)

@@ -18,6 +18,8 @@ import numpy as np
 from facelora.config import DlibParams
 from facelora.faces.types import Detection, Face, ModelFileMissing, unit
 
+CHIP_SIZE, CHIP_PADDING = 150, 0.25  # the aligned chip dlib's embedder expects
+
 MODEL_FILES = {
     "cnn_model": "mmod_human_face_detector.dat",
     "landmarks_model": "shape_predictor_68_face_landmarks.dat",
@@ -121,19 +123,41 @@ class DlibEmbedder:
                 f"faces.dlib.landmarks_model: expected a 68-point predictor, this one has "
                 f"{parts} points"
             )
-        self._net = dlib.face_recognition_model_v1(str(model_path(params, "embedder_model")))
+        weights = model_path(params, "embedder_model")
+        self.runtime = params.embedder_runtime
+        if self.runtime == "torch":
+            from facelora.faces.dlib_resnet import DlibFaceResNet, load_layers
+
+            self._torch_net = DlibFaceResNet(load_layers(weights))
+        else:
+            self._net = dlib.face_recognition_model_v1(str(weights))
 
     def shape(self, rgb: np.ndarray, box: np.ndarray) -> dlib.full_object_detection:
         return self._predictor(rgb, _rect(box))
 
     def describe(self, rgb: np.ndarray, detections: list[Detection]) -> list[Face]:
+        if not detections:
+            return []
+        shapes = [self.shape(rgb, det.box) for det in detections]
+        embeddings = self.embed(rgb, shapes)
         faces = []
-        for det in detections:
-            shape = self.shape(rgb, det.box)
+        for det, shape, embedding in zip(detections, shapes, embeddings, strict=True):
             landmarks = det.landmarks if det.landmarks is not None else five_from_68(shape)
-            embedding = unit(np.array(self._net.compute_face_descriptor(rgb, shape)))
-            faces.append(Face(det.box, det.score, np.asarray(landmarks, np.float32), embedding))
+            faces.append(
+                Face(det.box, det.score, np.asarray(landmarks, np.float32), unit(embedding))
+            )
         return faces
+
+    def embed(self, rgb: np.ndarray, shapes: list) -> np.ndarray:
+        """128-D descriptors (not normalised) of the faces given by their 68-point shapes."""
+        if self.runtime == "dlib":
+            return np.array([self._net.compute_face_descriptor(rgb, s) for s in shapes])
+        import torch
+
+        chips = dlib.get_face_chips(
+            rgb, dlib.full_object_detections(shapes), CHIP_SIZE, CHIP_PADDING
+        )
+        return self._torch_net(torch.from_numpy(np.stack(chips))).numpy()
 
     def landmarks(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
         return five_from_68(self.shape(rgb, box))
