@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from facelora.sample_data import EDITS, _Landmarker, portraits, source_photos
-
 CLI = str(Path(sys.executable).with_name("facelora"))
 
 
 def build(dest: Path, n_pairs: int, side: int = 900) -> None:
     """n_pairs Kontext pairs of about `side` px, each a distinct re-framing of a portrait."""
+    from facelora.sample_data import EDITS, _Landmarker, portraits, source_photos
+
     rng = np.random.default_rng(0)
     people = portraits(source_photos(), _Landmarker())
     dest.mkdir(parents=True)
@@ -60,7 +60,10 @@ def step(name: str, args: list[str], cwd: Path) -> tuple[float, float]:
 
 def run(n_pairs: int, work: Path) -> list[tuple[str, float, float]]:
     raw = work / "raw"
-    build(raw, n_pairs)
+    # build in a child process: a child's peak RSS starts at its parent's size when forked,
+    # so this process must stay small for the per-step figures to mean anything
+    script = Path(__file__).resolve()
+    subprocess.run([sys.executable, str(script), "--build", str(raw), str(n_pairs)], check=True)
     (work / "params.yaml").write_text("crop:\n  min_side: 256\n")
     faces, images = "results/faces/faces.parquet", "results/faces/images.parquet"
     crops, index = "results/crops/crops.parquet", "results/pairs/index.parquet"
@@ -80,7 +83,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, action="append", help="pairs to build (repeat)")
     parser.add_argument("--keep", type=Path, help="keep the data and results here")
+    parser.add_argument("--build", nargs=2, metavar=("DIR", "PAIRS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        build(Path(args.build[0]), int(args.build[1]))
+        return
     sizes = args.pairs or [100, 400]
     rows = []
     for n in sizes:

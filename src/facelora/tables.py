@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facelora.atomic import atomic_path
@@ -150,3 +151,12 @@ def frame_records(frame: pd.DataFrame) -> list[dict]:
             clean[key] = value
         out.append(clean)
     return out
+
+
+def read_rows_of(
+    path: str | Path, schema: pa.Schema, images: pa.Array, columns: list[str] | None = None
+) -> list[dict]:
+    """Rows whose `image` is in `images`, filtered in Arrow before becoming Python objects."""
+    filters = pc.field("image").isin(images)
+    table = pq.read_table(path, schema=schema, columns=columns, filters=filters)
+    return table.to_pylist()

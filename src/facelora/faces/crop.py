@@ -23,7 +23,7 @@ from facelora.images import ImageRejected, read_image
 from facelora.naming import crop_name
 from facelora.parallel import ordered_map
 from facelora.sharding import in_shard
-from facelora.tables import CROPS, FACES, IMAGES, ParquetRowWriter
+from facelora.tables import CROPS, FACES, IMAGES, ParquetRowWriter, read_rows_of
 
 log = logging.getLogger(__name__)
 IMAGES_SUBDIR = "images"
@@ -33,6 +33,22 @@ def _row(image: str, face_index: int, **values) -> dict:
     row = dict.fromkeys(CROPS.names)
     row.update(image=image, face_index=face_index, **values)
     return row
+
+
+def _ok_row(rel: str, idx: int, box, out: int, png_of: str, notes: list[str]) -> dict:
+    """A cropped face; its PNG is named after `png_of` (the file itself, or its first copy)."""
+    return _row(
+        rel,
+        idx,
+        status="ok",
+        crop=f"{IMAGES_SUBDIR}/{crop_name(png_of, idx)}",
+        cx=box.cx,
+        cy=box.cy,
+        side=box.side,
+        angle=box.angle,
+        out_side=out,
+        notes="; ".join(notes) or None,
+    )
 
 
 def crop_image(
@@ -65,21 +81,8 @@ def crop_image(
     if not planned:
         return rows
     if duplicate_of is not None:
-        for idx, box, out, notes in planned:
-            rows.append(
-                _row(
-                    rel,
-                    idx,
-                    status="ok",
-                    crop=f"{IMAGES_SUBDIR}/{crop_name(duplicate_of, idx)}",
-                    cx=box.cx,
-                    cy=box.cy,
-                    side=box.side,
-                    angle=box.angle,
-                    out_side=out,
-                    notes="; ".join([f"same file contents as {duplicate_of}", *notes]),
-                )
-            )
+        same = f"same file contents as {duplicate_of}"
+        rows += [_ok_row(rel, i, box, out, duplicate_of, [same, *n]) for i, box, out, n in planned]
         return sorted(rows, key=lambda r: r["face_index"])
     need = max(out / box.side for _, box, out, _ in planned)
     try:
@@ -87,26 +90,10 @@ def crop_image(
     except ImageRejected as exc:  # the file changed since detection
         return rows + [_row(rel, i, status="rejected", reason=exc.reason) for i, *_ in planned]
     for idx, box, out, notes in planned:
-        name = crop_name(rel, idx)
-        write_png(
-            crops_dir / IMAGES_SUBDIR / name,
-            warp_crop(loaded.rgb, box, out, loaded.scale),
-            params.crop.png_compression,
-        )
-        rows.append(
-            _row(
-                rel,
-                idx,
-                status="ok",
-                crop=f"{IMAGES_SUBDIR}/{name}",
-                cx=box.cx,
-                cy=box.cy,
-                side=box.side,
-                angle=box.angle,
-                out_side=out,
-                notes="; ".join(notes) or None,
-            )
-        )
+        pixels = warp_crop(loaded.rgb, box, out, loaded.scale)
+        png = crops_dir / IMAGES_SUBDIR / crop_name(rel, idx)
+        write_png(png, pixels, params.crop.png_compression)
+        rows.append(_ok_row(rel, idx, box, out, rel, notes))
     return sorted(rows, key=lambda r: r["face_index"])
 
 
@@ -134,18 +121,14 @@ def crop_shard(
     workers: int = 1,
 ) -> int:
     raw_dir, crops_dir = Path(raw_dir), Path(crops_dir)
-    columns = ["image", "face_index", "landmarks", "image_width", "image_height"]
-    faces = pq.read_table(faces_path, schema=FACES, columns=columns).to_pylist()
-    duplicates = dict(
-        pq.read_table(images_path, schema=IMAGES, columns=["image", "duplicate_of"])
-        .to_pandas()
-        .dropna()
-        .itertuples(index=False, name=None)
-    )
+    listed = pq.read_table(images_path, schema=IMAGES, columns=["image", "duplicate_of"])
+    mine = [r for r in listed.to_pylist() if in_shard(r["image"], shard)]
+    duplicates = {r["image"]: r["duplicate_of"] for r in mine if r["duplicate_of"]}
     by_image: dict[str, list[dict]] = {}
-    for face in faces:
-        if in_shard(face["image"], shard):
-            by_image.setdefault(face["image"], []).append(face)
+    columns = ["image", "face_index", "landmarks", "image_width", "image_height"]
+    wanted = pa.array([r["image"] for r in mine], pa.string())
+    for face in read_rows_of(faces_path, FACES, wanted, columns):
+        by_image.setdefault(face["image"], []).append(face)
     items = [(rel, fs, duplicates.get(rel)) for rel, fs in sorted(by_image.items())]
     count = 0
     with ParquetRowWriter(shard_out, CROPS) as writer:

@@ -28,7 +28,7 @@ from facelora.pairs import quality
 from facelora.pairs.index import INDEX, REJECTED_COLUMNS
 from facelora.parallel import ordered_map
 from facelora.sharding import in_shard
-from facelora.tables import CROPS, FACES, IMAGES, ParquetRowWriter
+from facelora.tables import CROPS, FACES, IMAGES, ParquetRowWriter, read_rows_of
 
 log = logging.getLogger(__name__)
 IMAGES_SUBDIR = "images"
@@ -391,24 +391,17 @@ def _work(cand: dict) -> list[dict]:
 
 
 def _lookups(index: pd.DataFrame, faces_path, crops_path, images_path) -> tuple[dict, dict, dict]:
+    """Rows of the images this shard's pairs use (filtered before conversion: memory follows
+    the shard, not the whole dataset)."""
     needed = set(index["start"]) | set(index["end"])
     for refs in index["references"]:
         needed.update(refs if refs is not None else [])
-    faces_tbl = pq.read_table(faces_path, schema=FACES).to_pylist()
+    wanted = pa.array(sorted(needed), pa.string())
     faces: dict[str, list[dict]] = {}
-    for f in faces_tbl:
-        if f["image"] in needed:
-            faces.setdefault(f["image"], []).append(f)
-    crops = {
-        (c["image"], c["face_index"]): c
-        for c in pq.read_table(crops_path, schema=CROPS).to_pylist()
-        if c["image"] in needed
-    }
-    images = {
-        r["image"]: r
-        for r in pq.read_table(images_path, schema=IMAGES).to_pylist()
-        if r["image"] in needed
-    }
+    for f in read_rows_of(faces_path, FACES, wanted):
+        faces.setdefault(f["image"], []).append(f)
+    crops = {(c["image"], c["face_index"]): c for c in read_rows_of(crops_path, CROPS, wanted)}
+    images = {r["image"]: r for r in read_rows_of(images_path, IMAGES, wanted)}
     return faces, crops, images
 
 
