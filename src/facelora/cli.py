@@ -103,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
 
+    p = sub.add_parser("make-tiny-model", help="a tiny random model of a family (demo, tests)")
+    p.add_argument("family", choices=["qwen_image_edit", "flux2_klein"])
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("plan", help="LoRA size and training memory per preset and rank")
+    p.add_argument("model", type=Path, help="a model folder or a transformer config.json")
+    p.add_argument("--family", choices=["qwen_image_edit", "flux2_klein"],
+                   help="default: from the config's class name")  # fmt: skip
+    p.add_argument("--presets", help="comma-separated (default: every preset of the family)")
+    p.add_argument("--ranks", default="16,32,64,128", help="comma-separated LoRA ranks")
+    p.add_argument("--blocks", help="comma-separated block indices (flux2_klein preset blocks)")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--dtype-bytes", type=int, default=2, choices=[2, 4],
+                   help="LoRA file dtype: 2 (bf16) or 4 (fp32)")  # fmt: skip
+
     p = sub.add_parser("summary", help="counts, rejection reasons and score plots")
     p.add_argument("--results", type=Path, default=None, help="default: paths.results")
     p.add_argument("--out-dir", type=Path, default=None, help="default: RESULTS/summary")
@@ -273,6 +289,47 @@ def cmd_select(args, params) -> int:
     return 0
 
 
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what}: give comma-separated integers, e.g. 16,32,64") from None
+
+
+def cmd_make_tiny_model(args, params) -> int:
+    from facelora.models.tiny import make_tiny_model
+
+    try:
+        out = make_tiny_model(args.family, args.out, seed=args.seed)
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+    print(f"tiny random {args.family} model (not a real model) in {out}")
+    return 0
+
+
+def cmd_plan(args, params) -> int:
+    from facelora.models.lora_targets import family_of_config
+    from facelora.models.plan import format_plan, load_config, plan
+
+    path = args.model / "transformer" / "config.json" if args.model.is_dir() else args.model
+    if not path.is_file():
+        raise UserError(f"{path} not found: give a model folder or a transformer config.json")
+    config = load_config(path)
+    family = args.family or family_of_config(config)
+    if family is None:
+        raise UserError(f"{path}: unknown transformer class; pass --family")
+    presets = [p.strip() for p in args.presets.split(",")] if args.presets else None
+    try:
+        rows = plan(config, family, presets, _ints(args.ranks, "--ranks"), args.dtype_bytes,
+                    blocks=_ints(args.blocks, "--blocks"), resolution=args.resolution)  # fmt: skip
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(format_plan(rows))
+    return 0
+
+
 def cmd_summary(args, params) -> int:
     from facelora.summary import format_summary, write_summary
 
@@ -302,6 +359,8 @@ COMMANDS = {
     "split": cmd_split,
     "select": cmd_select,
     "summary": cmd_summary,
+    "plan": cmd_plan,
+    "make-tiny-model": cmd_make_tiny_model,
 }
 
 
@@ -315,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     from facelora.faces.types import ModelFileMissing
 
     try:
-        needs_params = args.command != "sample-data"
+        needs_params = args.command not in ("sample-data", "plan", "make-tiny-model")
         params = load_params(args.params) if needs_params else None
         return COMMANDS[args.command](args, params)
     except (ParamsError, UserError, ModelFileMissing, FileNotFoundError) as exc:

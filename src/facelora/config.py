@@ -335,6 +335,66 @@ def _default_phases() -> list[PhaseParams]:
     ]
 
 
+# --- model, LoRA and training -------------------------------------------------------------
+
+FAMILIES = ("qwen_image_edit", "flux2_klein")
+
+
+class ModelParams(Section):
+    family: Literal["qwen_image_edit", "flux2_klein"] = "qwen_image_edit"
+    # a local diffusers folder (never downloaded); the default is the tiny random model that
+    # `facelora make-tiny-model` builds for the demo and the tests
+    path: str = "results/models/tiny-qwen_image_edit"
+    dtype: Literal["bfloat16", "float16", "float32"] = "float32"  # bfloat16 on GPUs
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+
+class LoraParams(Section):
+    # qwen_image_edit: full | attention | image_stream; flux2_klein: all_blocks |
+    # double_stream | single_stream | blocks; or a list of module names
+    preset: str | list[str] = "full"
+    blocks: list[int] | None = None  # flux2_klein preset `blocks`: the block indices
+    rank: PositiveInt = 64
+    alpha: float | None = None  # None: 2 x rank
+    dropout: Fraction = 0.0
+    train_text_encoder: bool = False
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
+class TrainParams(Section):
+    resolution: PositiveInt = 1024  # target area side: images train at about this many pixels
+    batch_size: PositiveInt = 1
+    grad_accum: PositiveInt = 1
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    weight_decay: float | None = None  # None: 1e-5 (adamw), 0.05 (prodigy)
+    schedule: Literal["constant", "cosine", "polynomial"] = "constant"
+    warmup_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    lr_end: float = 1e-4  # polynomial: the final learning rate
+    timestep_sampling: Literal["sigmoid", "shift", "uniform"] = "sigmoid"
+    sigmoid_scale: float = 1.0  # logit-normal: sigma = sigmoid(scale * N(0, 1))
+    shift: float | None = None  # shift sampling; None: the model's own (resolution dependent)
+    noise_offset: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # recipe: 0.05-0.1
+    min_snr_gamma: float | None = None  # refused: not defined for flow matching
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None  # e.g. 0.999
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    save_every: PositiveInt = 250
+    cache: bool = True  # VAE latents and text embeddings on disk, reused across phases
+
+    @field_validator("min_snr_gamma")
+    @classmethod
+    def _no_min_snr(cls, value: float | None) -> float | None:
+        if value is not None:
+            raise ValueError(
+                "min-SNR weighting is defined for epsilon/v-prediction diffusion; flow matching "
+                "(both supported models) has no SNR schedule to weight by: remove it"
+            )
+        return value
+
+
 # --- top level ----------------------------------------------------------------------------
 
 
@@ -360,6 +420,9 @@ class Params(Section):
     captions: CaptionsParams = CaptionsParams()
     split: SplitParams = SplitParams()
     phases: list[PhaseParams] = Field(default_factory=_default_phases)
+    model: ModelParams = ModelParams()
+    lora: LoraParams = LoraParams()
+    train: TrainParams = TrainParams()
 
     @model_validator(mode="after")
     def _phase_chain(self) -> Params:

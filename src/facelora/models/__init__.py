@@ -1,0 +1,1 @@
+"""Model-side helpers: LoRA target modules and training plans for the supported transformers."""
