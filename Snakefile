@@ -1,4 +1,4 @@
-# facelora: a folder of face photos -> phase datasets (-> LoRAs, in later parts).
+# facelora: a folder of face photos -> phase datasets -> one LoRA per phase.
 # Every rule runs one `facelora` command; the logic lives in src/facelora.
 # Local: snakemake --cores 2    Cluster: snakemake --profile slurm    Settings: params.yaml
 
@@ -7,9 +7,11 @@ include: "rules/common.smk"
 include: "rules/faces.smk"
 include: "rules/pairs.smk"
 include: "rules/phases.smk"
+include: "rules/train.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.prepare.input,
+        rules.train_all.input,

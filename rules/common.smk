@@ -2,6 +2,7 @@
 from facelora.workflow import (
     load_workflow_params,
     output_parent,
+    previous_training,
     put_cli_on_path,
     raw_folder,
     raw_images,

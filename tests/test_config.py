@@ -9,8 +9,25 @@ from facelora.workflow import load_workflow_params
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _flat(data, prefix=""):
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def test_params_yaml_is_valid_and_documents_the_defaults():
-    assert load_params(ROOT / "params.yaml") == Params()
+    """params.yaml spells out every default; it departs from the schema only where the demo's
+    tiny model needs it (and says so in its comment)."""
+    on_disk = _flat(load_params(ROOT / "params.yaml").model_dump(mode="json"))
+    defaults = _flat(Params().model_dump(mode="json"))
+    differs = {k for k in defaults if on_disk[k] != defaults[k]}
+    assert differs == {"train.resolution"}
+    line = next(ln for ln in (ROOT / "params.yaml").read_text().splitlines() if "resolution:" in ln)
+    assert "recipe: 1024" in line and "demo" in line
 
 
 def test_every_params_yaml_setting_has_a_comment_nearby():

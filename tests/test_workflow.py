@@ -1,6 +1,7 @@
 """End to end: the Snakemake workflow and the DVC stage on the sample data, for real."""
 
 import filecmp
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from facelora.config import validate_params
 
@@ -17,6 +19,11 @@ from conftest import ROOT, run_data_half
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 OUTPUTS = ["faces", "crops", "pairs", "captions", "split", "validation", "phases", "summary"]
+TRAINED = [
+    "train/broad/checkpoints",
+    "train/skin_match/checkpoints",
+    "train/best_quality/checkpoints",
+]
 
 
 def run(cmd, cwd, check=True, **kw):
@@ -27,10 +34,25 @@ def run(cmd, cwd, check=True, **kw):
     return proc
 
 
+# the demo's settings with short training phases, so the whole workflow runs in a test
+SHORT_PHASES = [
+    {"name": "broad", "steps": 8, "init_from": "none"},
+    {"name": "skin_match", "steps": 6, "init_from": "best",
+     "filters": {"skin_delta_e": {"max": 8.0}}, "top": {"by": "skin_delta_e", "fraction": 0.5}},
+    {"name": "best_quality", "steps": 4, "init_from": "best",
+     "top": {"by": "quality", "fraction": 0.25}},
+]  # fmt: skip
+
+
 def make_project(dest: Path, raw: Path) -> Path:
     dest.mkdir(parents=True)
-    for name in ["Snakefile", "params.yaml", "dvc.yaml", "environment.yml"]:
+    for name in ["Snakefile", "dvc.yaml", "environment.yml"]:
         shutil.copy(ROOT / name, dest / name)
+    settings = yaml.safe_load((ROOT / "params.yaml").read_text())
+    settings["phases"] = SHORT_PHASES
+    settings["lora"]["rank"] = 4
+    settings["train"]["save_every"] = 4
+    (dest / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     shutil.copytree(ROOT / "rules", dest / "rules")
     shutil.copytree(
         ROOT / "src" / "facelora",
@@ -80,6 +102,14 @@ def test_snakemake_runs_the_data_half(snakemake_project):
         assert (results / name).is_file(), name
     for phase in ("broad", "skin_match", "best_quality"):
         assert (results / "phases" / phase / "manifest.jsonl").is_file()
+        summary = json.loads((results / "train" / phase / "train.json").read_text())
+        steps = {"broad": 8, "skin_match": 6, "best_quality": 4}[phase]
+        assert summary["steps"] == steps and summary["checkpoints"]
+        assert (results / "train" / phase / "loss.png").is_file()
+    second = json.loads((results / "train" / "skin_match" / "train.json").read_text())
+    assert second["init_lora"].endswith(
+        "broad/checkpoints/step-000008/pytorch_lora_weights.safetensors"
+    )
     # shard tables stay (a changed photo reruns only its shard), inside the DVC-tracked folders
     assert len(list((results / "faces" / "shards").glob("*.faces.parquet"))) == 2
     logs = snakemake_project / "logs"
@@ -120,15 +150,18 @@ def test_dvc_repro_gives_the_same_outputs(tmp_path, sample_raw, snakemake_projec
     run([str(BIN / "dvc"), "init", "-q"], project)
     run([str(BIN / "dvc"), "config", "core.analytics", "false"], project)
     run([str(BIN / "dvc"), "repro"], project)
+    # the model the demo trains is made by the workflow itself (a tiny random model)
+    assert (project / "results" / "models" / "tiny-qwen_image_edit" / "model_index.json").is_file()
     # compare with a clean Snakemake run (the shared project had a photo changed since)
     fresh = make_project(tmp_path / "sm", sample_raw)
     run([str(BIN / "snakemake"), "--cores", "2"], fresh)
-    assert_same_outputs(project / "results", fresh / "results")
+    assert_same_outputs(project / "results", fresh / "results", OUTPUTS + TRAINED)
     status = run([str(BIN / "dvc"), "status"], project)
     assert "up to date" in status.stdout
-    # lr is a training setting: an experiment changes params.yaml, the data half stays put
+    # lr is a training setting: an experiment retrains, the data half stays put
     exp = run([str(BIN / "dvc"), "exp", "run", "-S", "lr=5e-5"], project)
-    assert "didn't change" in exp.stdout + exp.stderr
+    text = exp.stdout + exp.stderr
+    assert "Stage 'prepare' didn't change" in text and "Running stage 'train'" in text
     metrics = run([str(BIN / "dvc"), "metrics", "show"], project)
     assert "funnel.pairs_usable" in metrics.stdout
 

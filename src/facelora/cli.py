@@ -103,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
 
+    p = sub.add_parser("train", help="train one phase's LoRA (resumes from its last checkpoint)")
+    p.add_argument("phase")
+    p.add_argument("--data", type=Path, required=True, help="the phase's dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="the phase's training folder")
+    p.add_argument(
+        "--train-root",
+        type=Path,
+        default=None,
+        help="where earlier phases trained (default: the parent of --out)",
+    )
+    p.add_argument("--eval-root", type=Path, default=None, help="default: RESULTS/eval")
+    p.add_argument("--cache", type=Path, default=None, help="default: RESULTS/cache")
+
     p = sub.add_parser("make-tiny-model", help="a tiny random model of a family (demo, tests)")
     p.add_argument("family", choices=["qwen_image_edit", "flux2_klein"])
     p.add_argument("out", type=Path)
@@ -110,14 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="LoRA size and training memory per preset and rank")
     p.add_argument("model", type=Path, help="a model folder or a transformer config.json")
-    p.add_argument("--family", choices=["qwen_image_edit", "flux2_klein"],
-                   help="default: from the config's class name")  # fmt: skip
+    p.add_argument(
+        "--family",
+        choices=["qwen_image_edit", "flux2_klein"],
+        help="default: from the config's class name",
+    )
     p.add_argument("--presets", help="comma-separated (default: every preset of the family)")
     p.add_argument("--ranks", default="16,32,64,128", help="comma-separated LoRA ranks")
     p.add_argument("--blocks", help="comma-separated block indices (flux2_klein preset blocks)")
     p.add_argument("--resolution", type=int, default=1024)
-    p.add_argument("--dtype-bytes", type=int, default=2, choices=[2, 4],
-                   help="LoRA file dtype: 2 (bf16) or 4 (fp32)")  # fmt: skip
+    p.add_argument(
+        "--dtype-bytes",
+        type=int,
+        default=2,
+        choices=[2, 4],
+        help="LoRA file dtype: 2 (bf16) or 4 (fp32)",
+    )
 
     p = sub.add_parser("summary", help="counts, rejection reasons and score plots")
     p.add_argument("--results", type=Path, default=None, help="default: paths.results")
@@ -298,6 +319,26 @@ def _ints(text: str | None, what: str) -> list[int] | None:
         raise UserError(f"{what}: give comma-separated integers, e.g. 16,32,64") from None
 
 
+def cmd_train(args, params) -> int:
+    from facelora.train.families import ModelRefused
+    from facelora.train.init import resolve_init
+    from facelora.train.loop import TrainingDiverged, train_phase
+    from facelora.train.lora_io import LoraMismatch
+
+    results = Path(params.paths.results)
+    params.phase(args.phase)  # an unknown phase fails here, with the list
+    train_root = args.train_root or args.out.parent
+    init = resolve_init(params, args.phase, train_root, args.eval_root or results / "eval")
+    try:
+        summary = train_phase(
+            args.phase, args.data, args.out, params, init, args.cache or results / "cache"
+        )
+    except (ModelRefused, LoraMismatch, TrainingDiverged) as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps({k: summary[k] for k in ("phase", "steps", "final_loss", "resumed")}))
+    return 0
+
+
 def cmd_make_tiny_model(args, params) -> int:
     from facelora.models.tiny import make_tiny_model
 
@@ -322,8 +363,15 @@ def cmd_plan(args, params) -> int:
         raise UserError(f"{path}: unknown transformer class; pass --family")
     presets = [p.strip() for p in args.presets.split(",")] if args.presets else None
     try:
-        rows = plan(config, family, presets, _ints(args.ranks, "--ranks"), args.dtype_bytes,
-                    blocks=_ints(args.blocks, "--blocks"), resolution=args.resolution)  # fmt: skip
+        rows = plan(
+            config,
+            family,
+            presets,
+            _ints(args.ranks, "--ranks"),
+            args.dtype_bytes,
+            blocks=_ints(args.blocks, "--blocks"),
+            resolution=args.resolution,
+        )
     except ValueError as exc:
         raise UserError(str(exc)) from None
     print(format_plan(rows))
@@ -344,6 +392,16 @@ def cmd_summary(args, params) -> int:
         summary = write_summary(results, params, out_dir)
     print(format_summary(summary))
     print(f"\nplots: {out_dir / 'funnel.png'}, {out_dir / 'scores.png'}")
+    trained = [results / "train" / p / "train.json" for p in params.phase_names]
+    if any(t.is_file() for t in trained):
+        print("\ntraining (one LoRA per phase):")
+        for path in trained:
+            if path.is_file():
+                t = json.loads(path.read_text())
+                print(
+                    f"  {t['phase']:<14} {t['steps']:>6} steps  final loss {t['final_loss']:.4f}"
+                    f"  {len(t['checkpoints'])} checkpoints  {path.parent / 'loss.png'}"
+                )
     return 0
 
 
@@ -361,6 +419,7 @@ COMMANDS = {
     "summary": cmd_summary,
     "plan": cmd_plan,
     "make-tiny-model": cmd_make_tiny_model,
+    "train": cmd_train,
 }
 
 

@@ -398,6 +398,20 @@ class TrainParams(Section):
 # --- top level ----------------------------------------------------------------------------
 
 
+class JobResources(Section):
+    gpus: Annotated[int, Field(ge=0)] = 0
+    cpus: PositiveInt = 1
+    mem_mb: PositiveInt = 2000
+    runtime: PositiveInt = 60  # minutes
+
+
+class ResourcesParams(Section):
+    """What each job asks the scheduler for (snakemake --profile slurm; local runs ignore gpus)."""
+
+    data: JobResources = JobResources(mem_mb=2000, runtime=120)
+    train: JobResources = JobResources(gpus=1, cpus=8, mem_mb=64000, runtime=720)
+
+
 class PathsParams(Section):
     raw: str = "data/raw"
     results: str = "results"
@@ -423,6 +437,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     lora: LoraParams = LoraParams()
     train: TrainParams = TrainParams()
+    resources: ResourcesParams = ResourcesParams()
 
     @model_validator(mode="after")
     def _phase_chain(self) -> Params:

@@ -93,3 +93,17 @@ def output_parent(key: str, levels: int = 1):
 def raw_folder(params: Params):
     """A rule param: the raw photos folder (the commands walk it themselves)."""
     return lambda wildcards: params.paths.raw
+
+
+def previous_training(params: Params, results: str):
+    """A rule input: the previous phase's train.json when this phase starts from it."""
+
+    def inputs(wildcards) -> list[str]:
+        phase = params.phase(wildcards.phase)
+        names = params.phase_names
+        position = names.index(phase.name)
+        if position == 0 or phase.init_from not in ("best", "last"):
+            return []
+        return [f"{results}/train/{names[position - 1]}/train.json"]
+
+    return inputs

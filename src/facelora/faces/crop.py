@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from facelora.atomic import write_csv, write_parquet, write_png
 from facelora.config import Params
@@ -22,6 +21,7 @@ from facelora.faces.align import CropRejected, output_side, plan_crop, warp_crop
 from facelora.images import ImageRejected, read_image
 from facelora.naming import crop_name
 from facelora.parallel import ordered_map
+from facelora.progress import progress
 from facelora.sharding import in_shard
 from facelora.tables import CROPS, FACES, IMAGES, ParquetRowWriter, read_rows_of
 
@@ -133,7 +133,7 @@ def crop_shard(
     count = 0
     with ParquetRowWriter(shard_out, CROPS) as writer:
         results = ordered_map(_work, items, workers, _init, (raw_dir, crops_dir, params))
-        for rows in tqdm(results, total=len(items), desc="crop", unit="img"):
+        for rows in progress(results, total=len(items), desc="crop", unit="img"):
             for row in rows:
                 writer.add(row)
                 count += row["status"] == "ok"

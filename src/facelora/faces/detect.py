@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from facelora.atomic import write_csv, write_parquet
 from facelora.config import Params
@@ -27,6 +26,7 @@ from facelora.faces.backends import FaceBackend, make_backend
 from facelora.faces.pose import head_pose
 from facelora.images import ImageRejected, RawFile, decode_image, read_file, scan_images
 from facelora.parallel import ordered_map
+from facelora.progress import progress
 from facelora.sharding import in_shard
 from facelora.tables import FACES, IMAGES, ParquetRowWriter
 
@@ -206,7 +206,7 @@ def detect_shard(
         if workers > 1:
             del backend  # each worker process loads its own
         results = ordered_map(_work, items, workers, _init_worker, init_args)
-        bar = tqdm(results, total=len(items), desc="detect", unit="img")
+        bar = progress(results, total=len(items), desc="detect", unit="img")
         for image_row, face_rows in bar:
             images_w.add(image_row)
             for face_row in face_rows:

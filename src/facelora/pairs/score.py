@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from facelora.atomic import link_or_copy, write_csv, write_parquet, write_png
 from facelora.config import SCORE_COLUMNS, Params, ScoreRange
@@ -27,6 +26,7 @@ from facelora.images import ImageRejected, read_image
 from facelora.pairs import quality
 from facelora.pairs.index import INDEX, REJECTED_COLUMNS
 from facelora.parallel import ordered_map
+from facelora.progress import progress
 from facelora.sharding import in_shard
 from facelora.tables import CROPS, FACES, IMAGES, ParquetRowWriter, read_rows_of
 
@@ -432,7 +432,7 @@ def score_shard(
     count = 0
     with ParquetRowWriter(shard_out, PAIRS) as writer:
         results = ordered_map(_work, candidates, workers, _init, (scorer,))
-        for rows in tqdm(results, total=len(candidates), desc="pairs", unit="pair"):
+        for rows in progress(results, total=len(candidates), desc="pairs", unit="pair"):
             for row in rows:
                 writer.add(row)
                 count += row["status"] == "ok"

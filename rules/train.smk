@@ -1,0 +1,48 @@
+# one LoRA per phase, each starting from the previous phase's (training resumes by itself)
+
+
+rule make_tiny_model:
+    output:
+        directory(f"{RES}/models/tiny-{{family}}"),
+    log:
+        "logs/make_tiny_model/{family}.log",
+    wildcard_constraints:
+        family="qwen_image_edit|flux2_klein",
+    conda:
+        ENV
+    shell:
+        "facelora make-tiny-model {wildcards.family} {output} > {log} 2>&1"
+
+
+rule train:
+    input:
+        data=f"{RES}/phases/{{phase}}",
+        model=P.model.path,
+        previous=previous_training(P, RES),
+    output:
+        summary=f"{RES}/train/{{phase}}/train.json",
+        plot=f"{RES}/train/{{phase}}/loss.png",
+    log:
+        "logs/train/{phase}.log",
+    wildcard_constraints:
+        phase="|".join(PHASES),
+    conda:
+        ENV
+    threads: P.resources.train.cpus
+    resources:
+        gpu=P.resources.train.gpus,
+        mem_mb=P.resources.train.mem_mb,
+        runtime=P.resources.train.runtime,
+    params:
+        settings=settings(P, "seed", "lr", "model", "lora", "train"),
+        phase=lambda w: P.phase(w.phase).model_dump(mode="json"),
+        out_dir=output_parent("summary"),
+        cache=f"{RES}/cache",
+    shell:
+        "facelora train {wildcards.phase} --data {input.data} --out {params.out_dir}"
+        " --cache {params.cache} > {log} 2>&1"
+
+
+rule train_all:
+    input:
+        expand(f"{RES}/train/{{phase}}/train.json", phase=PHASES),

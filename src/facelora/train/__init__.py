@@ -1,0 +1,1 @@
+"""LoRA training: data and caches, the flow-matching loop, checkpoints and resume."""

@@ -1,0 +1,85 @@
+"""Checkpoints: LoRA weights in both layouts, the EMA, and the full state for exact resume.
+
+    OUT/checkpoints/step-000250/
+        pytorch_lora_weights.safetensors   diffusers layout (pipe.load_lora_weights)
+        lora_comfyui.safetensors           ComfyUI layout
+        ema/pytorch_lora_weights.safetensors  (with train.ema_decay)
+        state.pt                           optimizer, schedule, RNG states, data position, EMA,
+                                           exact LoRA tensors
+        meta.json                          step, loss, the run's fingerprint
+
+A checkpoint is built in a hidden folder and renamed into place, so a killed run leaves
+either a complete checkpoint or none; resume takes the newest complete one whose fingerprint
+(settings + data + model) matches the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from facelora.train import lora_io
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    folder = out / "checkpoints"
+    found = []
+    if folder.is_dir():
+        for d in folder.iterdir():
+            m = STEP_DIR.match(d.name)
+            if m and (d / "meta.json").is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def save(
+    out: Path,
+    step: int,
+    pipeline_class,
+    lora_tensors: dict[str, torch.Tensor],
+    metadata: dict,
+    alpha: float,
+    state: dict,
+    meta: dict,
+    ema_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    final = checkpoint_dir(out, step)
+    building = final.with_name(f".{final.name}.building")
+    if building.exists():
+        shutil.rmtree(building)
+    building.mkdir(parents=True)
+    lora_io.save_diffusers(building, pipeline_class, lora_tensors, metadata)
+    lora_io.save_comfyui(building, lora_tensors, alpha)
+    if ema_tensors is not None:
+        (building / "ema").mkdir()
+        lora_io.save_diffusers(building / "ema", pipeline_class, ema_tensors, metadata)
+    torch.save(state, building / "state.pt")
+    (building / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(building, final)
+    return final
+
+
+def latest_matching(out: Path, fingerprint: str) -> tuple[int, Path] | None:
+    """The newest complete checkpoint made by a run with the same fingerprint."""
+    for step, folder in reversed(list_checkpoints(out)):
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("fingerprint") == fingerprint:
+            return step, folder
+    return None
+
+
+def load_state(folder: Path) -> dict:
+    return torch.load(folder / "state.pt", map_location="cpu", weights_only=False)

@@ -1,0 +1,148 @@
+"""Training samples from a phase folder, and the on-disk cache of their encodings.
+
+A sample is one pair of the phase's manifest.jsonl: start (control), optional references,
+end (target) and caption. All images of a pair are resized to one size, chosen from the
+target's aspect ratio at about `train.resolution` squared pixels (multiples of 16), so the
+pair stays pixel-aligned; samples of the same size form a bucket, and a batch never mixes
+buckets.
+
+The cache keeps the VAE latents and the prompt embeddings as safetensors files, keyed by the
+content of the inputs (image bytes, caption), the size, and the identity of the model parts
+that made them: a change to any of these gives a new key, an unchanged input is never encoded
+twice, across epochs and across phases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from facelora.progress import progress
+from facelora.train.families import FamilyAdapter, to_pixels
+
+CACHE_VERSION = "1"  # bump when the encoding code changes meaning
+
+
+@dataclass
+class Sample:
+    pair_id: str
+    start: Path
+    end: Path
+    references: list[Path]
+    caption: str
+    size: tuple[int, int] = (0, 0)  # training width, height
+    keys: dict[str, str] = field(default_factory=dict)  # cache keys
+
+
+def bucket_size(width: int, height: int, resolution: int, multiple: int = 16) -> tuple[int, int]:
+    """About resolution^2 pixels with the image's aspect ratio, sides a multiple of 16."""
+    aspect = width / height
+    w = max(multiple, round((resolution * aspect**0.5) / multiple) * multiple)
+    h = max(multiple, round((resolution / aspect**0.5) / multiple) * multiple)
+    return w, h
+
+
+def read_phase(folder: str | Path, resolution: int, max_references: int) -> list[Sample]:
+    folder = Path(folder)
+    manifest = folder / "manifest.jsonl"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: run the select step for this phase")
+    samples = []
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        end = folder / row["end"]
+        with Image.open(end) as im:
+            size = bucket_size(im.width, im.height, resolution)
+        samples.append(
+            Sample(
+                pair_id=row["pair_id"],
+                start=folder / row["start"],
+                end=end,
+                references=[folder / r for r in row.get("references", [])][:max_references],
+                caption=row["caption"],
+                size=size,
+            )
+        )
+    if not samples:
+        raise ValueError(f"{folder} holds no pairs")
+    return samples
+
+
+def _digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+class EncodingCache:
+    """Latents and prompt embeddings of every sample, computed once and kept on disk."""
+
+    def __init__(self, folder: str | Path | None, adapter: FamilyAdapter):
+        self.folder = Path(folder) if folder else None
+        self.adapter = adapter
+        self.vae_id = _digest(CACHE_VERSION, adapter.component_identity("vae"))
+        self.text_id = _digest(
+            CACHE_VERSION, adapter.component_identity("text_encoder", "tokenizer", "processor")
+        )
+        self.hits = self.misses = 0
+
+    def _path(self, kind: str, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / kind / f"{key}.safetensors"
+
+    def _get(self, kind: str, key: str, compute) -> torch.Tensor:
+        """From the disk cache, or computed (and stored when there is a cache folder).
+        Without a folder nothing is kept: every use encodes again (train.cache: false)."""
+        path = self._path(kind, key)
+        if path is not None and path.is_file():
+            self.hits += 1
+            return load_file(path)["value"]
+        value = compute().detach().to("cpu").contiguous()
+        self.misses += 1
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({"value": value}, str(tmp))
+            os.replace(tmp, path)
+        return value
+
+    def latents(self, image: Path, size: tuple[int, int]) -> torch.Tensor:
+        data = image.read_bytes()
+        key = _digest("latents", self.vae_id, data, f"{size[0]}x{size[1]}")
+
+        def compute():
+            with Image.open(image) as im:
+                return self.adapter.encode_latents(to_pixels(im, *size))[0]
+
+        return self._get("latents", key, compute)
+
+    def text(self, sample: Sample) -> torch.Tensor:
+        controls = [sample.start, *sample.references]
+        contents = [p.read_bytes() for p in controls]
+        key = _digest("text", self.text_id, sample.caption, *contents)
+
+        def compute():
+            images = [Image.open(p).convert("RGB") for p in controls]
+            return self.adapter.encode_text(sample.caption, images)
+
+        return self._get("text", key, compute)
+
+    def prepare(self, samples: list[Sample]) -> None:
+        """Encode every sample now (before training, so the encoders can be set aside)."""
+        if self.folder is None:
+            return
+        for s in progress(samples, desc="cache", unit="pair"):
+            self.latents(s.end, s.size)
+            for control in [s.start, *s.references]:
+                self.latents(control, s.size)
+            self.text(s)

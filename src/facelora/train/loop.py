@@ -1,0 +1,401 @@
+"""The training loop of one phase: flow matching on cached encodings, checkpoints, resume.
+
+Every random choice comes from generators seeded by `seed` and saved in each checkpoint (data
+order, noise, noise levels, dropout), so a run killed at any moment and started again continues
+from its last checkpoint at the right step and, on the CPU, ends with the same weights as a run
+that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facelora.atomic import write_json
+from facelora.config import Params
+from facelora.progress import progress
+from facelora.train import checkpoint, lora_io
+from facelora.train.data import EncodingCache, Sample, read_phase
+from facelora.train.families import MAX_REFERENCES, FamilyAdapter, load_adapter, resolve_device
+from facelora.train.optim import make_optimizer, make_scheduler
+from facelora.train.sampling import noisy_latents, sample_sigmas
+
+log = logging.getLogger(__name__)
+LOG_COLUMNS = ["step", "loss", "lr", "grad_norm", "sigma_mean", "seconds"]
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    index: int = 0
+
+
+def epoch_batches(samples: list[Sample], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """This epoch's batches: a seeded shuffle, samples of one size (bucket) per batch."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(samples), generator=g).tolist()
+    buckets: dict[tuple, list[int]] = {}
+    for i in order:
+        key = (samples[i].size, len(samples[i].references))
+        buckets.setdefault(key, []).append(i)
+    batches = [
+        b[j : j + batch_size] for b in buckets.values() for j in range(0, len(b), batch_size)
+    ]
+    shuffle = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in shuffle]
+
+
+def fingerprint(
+    params: Params, phase: str, data_dir: Path, model_id: str, init: Path | None
+) -> str:
+    """What makes two runs the same run: settings, data, model, starting LoRA."""
+    settings = {
+        "seed": params.seed,
+        "lr": params.lr,
+        "model": params.model.model_dump(mode="json"),
+        "lora": params.lora.model_dump(mode="json"),
+        "train": params.train.model_dump(mode="json", exclude={"save_every"}),
+        "phase": params.phase(phase).model_dump(mode="json"),
+    }
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update((data_dir / "manifest.jsonl").read_bytes())
+    h.update(model_id.encode())
+    if init is not None:
+        h.update(Path(init).read_bytes())
+    return h.hexdigest()[:24]
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "noise": generator.get_state(),
+    }
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["noise"])
+
+
+class Trainer:
+    def __init__(
+        self,
+        phase: str,
+        data_dir: Path,
+        out: Path,
+        params: Params,
+        init_lora: Path | None = None,
+        cache_dir: Path | None = None,
+    ):
+        self.phase, self.params = phase, params
+        self.data_dir, self.out = Path(data_dir), Path(out)
+        self.init_lora = Path(init_lora) if init_lora else None
+        self.total = params.phase(phase).steps
+        torch.manual_seed(params.seed)
+        np.random.seed(params.seed % 2**32)
+        random.seed(params.seed)
+        self.device = resolve_device(params.model.device)
+        self.adapter: FamilyAdapter = load_adapter(
+            params.model.family, params.model.path, params.model.dtype, self.device
+        )
+        transformer = self.adapter.transformer
+        self.targets = lora_io.add_lora(transformer, params.model.family, params.lora)
+        for name, p in transformer.named_parameters():
+            p.requires_grad_("lora_" in name)
+            if "lora_" in name:
+                p.data = p.data.float()  # LoRA weights and their optimizer state in fp32
+        if self.init_lora is not None:
+            lora_io.load_into(transformer, self.init_lora, params.lora.rank)
+        if params.train.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.trainable = [p for p in transformer.parameters() if p.requires_grad]
+        self.samples = read_phase(
+            self.data_dir, params.train.resolution, MAX_REFERENCES[params.model.family]
+        )
+        self.cache = EncodingCache(cache_dir if params.train.cache else None, self.adapter)
+        model_id = self.adapter.component_identity("transformer")
+        self.fingerprint = fingerprint(params, phase, self.data_dir, model_id, self.init_lora)
+        self.optimizer = make_optimizer(self.trainable, params.lr, params.train)
+        self.scheduler = make_scheduler(self.optimizer, params.train, self.total, params.lr)
+        self.noise = torch.Generator().manual_seed(params.seed)
+        self.ema = [p.detach().clone() for p in self.trainable] if params.train.ema_decay else None
+        self.step, self.position = 0, DataPosition()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _lora_tensors(self, values: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        state = lora_io.lora_state(self.adapter.transformer)
+        if values is None:
+            return state
+        names = [n for n, p in self.adapter.transformer.named_parameters() if p.requires_grad]
+        by_param = dict(zip(names, values, strict=True))
+        return {k: by_param[self._param_name(k)].detach().cpu().float().clone() for k in state}
+
+    @staticmethod
+    def _param_name(key: str) -> str:
+        # peft state keys omit the adapter name that parameter names carry
+        return key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
+
+    def resume(self) -> bool:
+        found = checkpoint.latest_matching(self.out, self.fingerprint)
+        stale = [
+            d for _, d in checkpoint.list_checkpoints(self.out) if found is None or d != found[1]
+        ]
+        if found is None:
+            for folder in stale:  # another run's checkpoints: they would mislead evaluation
+                shutil.rmtree(folder)
+            return False
+        step, folder = found
+        state = checkpoint.load_state(folder)
+        with torch.no_grad():
+            for p, value in zip(self.trainable, state["trainable"], strict=True):
+                p.copy_(value.to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], self.noise)
+        if self.ema is not None:
+            self.ema = [t.to(self.device) for t in state["ema"]]
+        self.step = step
+        self.position = DataPosition(**state["position"])
+        for later_step, later in checkpoint.list_checkpoints(self.out):
+            if later_step > step:  # written by the run that died after this checkpoint
+                shutil.rmtree(later)
+        log.info("resumed %s from step %d (%s)", self.phase, step, folder)
+        return True
+
+    def save(self, loss: float) -> Path:
+        state = {
+            "trainable": [p.detach().cpu().clone() for p in self.trainable],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(self.noise),
+            "position": vars(self.position).copy(),
+            "ema": [t.detach().cpu().clone() for t in self.ema] if self.ema is not None else None,
+        }
+        meta = {
+            "step": self.step,
+            "loss": loss,
+            "phase": self.phase,
+            "fingerprint": self.fingerprint,
+            "family": self.params.model.family,
+        }
+        metadata = lora_io.adapter_metadata(self.adapter.transformer)
+        return checkpoint.save(
+            self.out,
+            self.step,
+            type(self.adapter.pipe),
+            self._lora_tensors(),
+            metadata,
+            self.params.lora.scale_alpha,
+            state,
+            meta,
+            self._lora_tensors(self.ema) if self.ema is not None else None,
+        )
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[Sample]:
+        p = self.position
+        batches = epoch_batches(
+            self.samples, self.params.train.batch_size, self.params.seed, p.epoch
+        )
+        if p.index >= len(batches):
+            p.epoch, p.index = p.epoch + 1, 0
+            batches = epoch_batches(
+                self.samples, self.params.train.batch_size, self.params.seed, p.epoch
+            )
+        batch = [self.samples[i] for i in batches[p.index]]
+        p.index += 1
+        return batch
+
+    def _loss(self, batch: list[Sample]) -> tuple[torch.Tensor, float]:
+        train = self.params.train
+        x0 = torch.stack([self.cache.latents(s.end, s.size) for s in batch]).float()
+        controls = [
+            torch.stack([self.cache.latents(s.start, s.size) for s in batch]),
+            *[
+                torch.stack([self.cache.latents(s.references[k], s.size) for s in batch])
+                for k in range(len(batch[0].references))
+            ],
+        ]
+        text = [self.cache.text(s) for s in batch]
+        noise = torch.randn(x0.shape, generator=self.noise)
+        if train.noise_offset:
+            noise += train.noise_offset * torch.randn(
+                x0.shape[0], x0.shape[1], 1, 1, generator=self.noise
+            )
+        shift = train.shift if train.shift is not None else self.adapter.default_shift(x0)
+        sigma = sample_sigmas(
+            len(batch), train.timestep_sampling, self.noise, train.sigmoid_scale, shift
+        )
+        noisy, target = noisy_latents(x0, noise, sigma)
+        pred = self.adapter.predict(
+            noisy.to(self.device), [c.to(self.device) for c in controls], text, sigma
+        )
+        loss = F.mse_loss(pred.float(), target.to(self.device).float())
+        return loss, float(sigma.mean())
+
+    def run(self, show_progress: bool = True) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        self.cache.prepare(self.samples)
+        cache_seconds = time.perf_counter() - started
+        resumed = self.resume()
+        log_path = self.out / "log.csv"
+        rows = _read_log(log_path, upto=self.step) if resumed else []
+        train = self.params.train
+        bar = progress(
+            total=self.total,
+            initial=self.step,
+            desc=f"train {self.phase}",
+            unit="step",
+            disable=not show_progress,
+        )
+        loss_value, saved = float("nan"), []
+        while self.step < self.total:
+            t0 = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            total_loss, sigmas = 0.0, []
+            for _ in range(train.grad_accum):
+                loss, sigma_mean = self._loss(self._next_batch())
+                (loss / train.grad_accum).backward()
+                total_loss += loss.item() / train.grad_accum
+                sigmas.append(sigma_mean)
+            norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, train.max_grad_norm))
+            if not math.isfinite(total_loss) or not math.isfinite(norm):
+                last = checkpoint.list_checkpoints(self.out)
+                raise TrainingDiverged(
+                    f"phase {self.phase}: loss {total_loss} / grad norm {norm} at step "
+                    f"{self.step + 1}; the last good checkpoint is "
+                    f"{last[-1][1] if last else 'none'} (lower lr, or check the data)"
+                )
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            if self.ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(self.ema, self.trainable, strict=True):
+                        e.lerp_(p.detach(), 1.0 - train.ema_decay)
+            loss_value = total_loss
+            rows.append(
+                {
+                    "step": self.step,
+                    "loss": total_loss,
+                    "lr": lr,
+                    "grad_norm": norm,
+                    "sigma_mean": float(np.mean(sigmas)),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.2e}")
+            if self.step % train.save_every == 0 or self.step == self.total:
+                saved.append(self.save(total_loss))
+                _write_log(log_path, rows)
+        bar.close()
+        _write_log(log_path, rows)
+        summary = {
+            "phase": self.phase,
+            "steps": self.total,
+            "final_loss": loss_value,
+            "checkpoints": [str(d) for _, d in checkpoint.list_checkpoints(self.out)],
+            "init_lora": str(self.init_lora) if self.init_lora else None,
+            "fingerprint": self.fingerprint,
+            "targets": len(self.targets),
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "cache": {
+                "hits": self.cache.hits,
+                "misses": self.cache.misses,
+                "prepare_seconds": round(cache_seconds, 3),
+            },
+            "resumed": resumed,
+        }
+        return summary
+
+
+def _read_log(path: Path, upto: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as fh:
+        return [
+            {k: (int(v) if k == "step" else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(fh)
+            if int(row["step"]) <= upto
+        ]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def plot_loss(log_path: Path, out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read_log(log_path, upto=10**12)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if rows:
+        steps = [r["step"] for r in rows]
+        loss = np.array([r["loss"] for r in rows])
+        ax.plot(steps, loss, color="#bbbbbb", linewidth=0.8, label="loss")
+        window = max(1, len(loss) // 50)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, color="C0", label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def train_phase(
+    phase: str,
+    data_dir: Path,
+    out: Path,
+    params: Params,
+    init_lora: Path | None = None,
+    cache_dir: Path | None = None,
+    show_progress: bool = True,
+) -> dict:
+    trainer = Trainer(phase, data_dir, out, params, init_lora, cache_dir)
+    summary = trainer.run(show_progress=show_progress)
+    plot_loss(out / "log.csv", out / "loss.png", f"phase {phase}")
+    write_json(out / "train.json", summary)
+    return summary

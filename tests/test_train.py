@@ -1,0 +1,333 @@
+"""LoRA training on the tiny models of both families: conventions, checkpoints, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from facelora.config import validate_params
+from facelora.models.tiny import make_tiny_model
+from facelora.train import lora_io
+from facelora.train.checkpoint import list_checkpoints
+from facelora.train.families import ModelRefused, check_model_folder, load_adapter
+from facelora.train.loop import Trainer, TrainingDiverged, train_phase
+from facelora.train.optim import lr_lambda
+from facelora.train.sampling import noisy_latents, sample_sigmas
+
+FAMILIES = ["qwen_image_edit", "flux2_klein"]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {f: make_tiny_model(f, root / f) for f in FAMILIES}
+
+
+def write_pairs(folder: Path, n: int = 4, size: int = 64, seed: int = 0) -> Path:
+    """A phase folder: smooth random starts; ends with a bright square painted on."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        base = rng.integers(40, 200, (8, 8, 3)).astype(np.uint8)
+        start = np.asarray(Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC))
+        end = start.copy()
+        end[size // 4 : size // 2, size // 4 : size // 2] = (250, 240, 40)
+        pid = f"p{i:012d}"
+        Image.fromarray(start).save(folder / f"{pid}_start.png")
+        Image.fromarray(end).save(folder / f"{pid}_end.png")
+        caption = "EDITFACE paint a yellow square"
+        (folder / f"{pid}.txt").write_text(caption + "\n")
+        rows.append({"pair_id": pid, "start": f"{pid}_start.png", "end": f"{pid}_end.png",
+                     "references": [], "caption": caption})  # fmt: skip
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def settings(family: str, model: Path, steps: int = 6, **train):
+    return validate_params(
+        {
+            "seed": 3,
+            "lr": 1e-3,
+            "model": {"family": family, "path": str(model)},
+            "lora": {"rank": 4, "preset": "full" if family == "qwen_image_edit" else "all_blocks"},
+            "train": {"resolution": 64, "save_every": 3, **train},
+            "phases": [
+                {"name": "one", "steps": steps},
+                {"name": "two", "steps": 3, "init_from": "last"},
+            ],
+        }
+    )
+
+
+# --- conventions --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flow_matching_matches_the_pipeline_scheduler(tiny_models, family):
+    """The velocity target, stepped by the pipeline's own scheduler, lands on the training
+    interpolation at the next sigma; and the pipeline's timestep / 1000 is that sigma."""
+    adapter = load_adapter(family, tiny_models[family], "float32", torch.device("cpu"))
+    scheduler = adapter.pipe.scheduler
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.1, 5).tolist(), mu=0.5)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    sigmas = scheduler.sigmas
+    assert torch.allclose(scheduler.timesteps / 1000, sigmas[:-1].to(scheduler.timesteps.dtype))
+    for i, t in enumerate(scheduler.timesteps):
+        xt, velocity = noisy_latents(x0, noise, sigmas[i : i + 1])
+        stepped = scheduler.step(velocity, t, xt, return_dict=False)[0]
+        expected, _ = noisy_latents(x0, noise, sigmas[i + 1 : i + 2])
+        assert torch.allclose(stepped, expected, atol=1e-5)
+
+
+def test_sigma_sampling():
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_sigmas(20000, "uniform", g)
+    logit = sample_sigmas(20000, "sigmoid", g, sigmoid_scale=1.0)
+    shifted = sample_sigmas(20000, "shift", g, shift=3.0)
+    assert abs(float(uniform.mean()) - 0.5) < 0.01
+    assert abs(float(logit.mean()) - 0.5) < 0.01 and float(logit.std()) < float(uniform.std())
+    assert float(shifted.mean()) > 0.65  # pushed towards noise
+    assert float(torch.cat([uniform, logit, shifted]).min()) > 0
+    with pytest.raises(ValueError, match="unknown timestep sampling"):
+        sample_sigmas(1, "cosine", g)
+
+
+def test_learning_rate_schedules():
+    params = validate_params({"train": {"schedule": "cosine", "warmup_fraction": 0.1}})
+    cosine = lr_lambda(params.train, 100, 1e-4)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(55) == pytest.approx(0.5, abs=0.02) and cosine(100) == pytest.approx(0.0)
+    params = validate_params({"train": {"schedule": "polynomial", "lr_end": 1e-4}})
+    poly = lr_lambda(params.train, 100, 1e-3)
+    assert poly(100) * 1e-3 == pytest.approx(1e-4)
+    constant = lr_lambda(validate_params({}).train, 100, 1e-4)
+    assert constant(0) == constant(99) == 1.0
+
+
+def test_min_snr_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="flow matching"):
+        validate_params({"train": {"min_snr_gamma": 5.0}})
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_writes_loadable_checkpoints(tmp_path, tiny_models, family):
+    data = write_pairs(tmp_path / "data")
+    out = tmp_path / "out"
+    params = settings(family, tiny_models[family], ema_decay=0.9)
+    trainer = Trainer("one", data, out, params, cache_dir=tmp_path / "cache")
+    summary = trainer.run(show_progress=False)
+    assert [s for s, _ in list_checkpoints(out)] == [3, 6]
+    assert np.isfinite(summary["final_loss"]) and summary["trainable_params"] > 0
+    log_rows = (out / "log.csv").read_text().splitlines()
+    assert len(log_rows) == 7 and log_rows[0].startswith("step,loss,lr,grad_norm")
+    last = list_checkpoints(out)[-1][1]
+    for name in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors", "state.pt",
+                 "meta.json", "ema/pytorch_lora_weights.safetensors"):  # fmt: skip
+        assert (last / name).is_file(), name
+    weights = load_file(last / "pytorch_lora_weights.safetensors")
+    assert all(k.startswith("transformer.") and ".lora_" in k for k in weights)
+    assert any(float(v.abs().max()) > 0 for k, v in weights.items() if ".lora_B." in k)
+    ema = load_file(last / "ema" / "pytorch_lora_weights.safetensors")
+    assert ema.keys() == weights.keys()
+    assert any(not torch.equal(ema[k], weights[k]) for k in weights)
+
+    # the pipeline's own loader reads the file back and gives the trained adapter's output
+    trained = trainer.adapter.transformer
+    fresh = load_adapter(family, tiny_models[family], "float32", torch.device("cpu"))
+    fresh.pipe.load_lora_weights(str(last), weight_name="pytorch_lora_weights.safetensors")
+    batch = trainer.samples[:1]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, *trainer.cache.latents(batch[0].end, batch[0].size).shape, generator=g)
+    controls = [trainer.cache.latents(batch[0].start, batch[0].size)[None]]
+    text = [trainer.cache.text(batch[0])]
+    sigma = torch.tensor([0.5])
+    with torch.no_grad():
+        expected = trainer.adapter.predict(x, controls, text, sigma)
+        got = fresh.predict(x, controls, text, sigma)
+        base = load_adapter(family, tiny_models[family], "float32", torch.device("cpu"))
+        untrained = base.predict(x, controls, text, sigma)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(untrained, expected, atol=1e-4)  # the LoRA changed the output
+    assert trained is trainer.adapter.transformer
+
+
+def test_comfyui_layout_carries_the_same_weights(tmp_path, tiny_models):
+    data = write_pairs(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    params = settings("qwen_image_edit", tiny_models["qwen_image_edit"], steps=3)
+    train_phase("one", data, out, params, cache_dir=tmp_path / "cache", show_progress=False)
+    last = list_checkpoints(out)[-1][1]
+    diffusers_side, meta = lora_io.read_lora(last / "pytorch_lora_weights.safetensors")
+    comfy_side, comfy_meta = lora_io.read_lora(last / "lora_comfyui.safetensors")
+    assert diffusers_side.keys() == comfy_side.keys()
+    assert all(torch.equal(diffusers_side[k], comfy_side[k]) for k in diffusers_side)
+    assert meta["lora_alpha"] == comfy_meta["lora_alpha"] == 8.0  # 2 x rank 4
+    raw = load_file(last / "lora_comfyui.safetensors")
+    assert all(k.startswith("diffusion_model.") for k in raw)
+    assert sum(k.endswith(".alpha") for k in raw) == len(diffusers_side) // 2
+
+
+def test_cache_is_reused_across_runs(tmp_path, tiny_models):
+    data = write_pairs(tmp_path / "data", n=3)
+    params = settings("flux2_klein", tiny_models["flux2_klein"], steps=2)
+    first = Trainer("one", data, tmp_path / "a", params, cache_dir=tmp_path / "cache")
+    first.run(show_progress=False)
+    assert first.cache.misses > 0
+    second = Trainer("one", data, tmp_path / "b", params, cache_dir=tmp_path / "cache")
+    second.cache.prepare(second.samples)
+    assert second.cache.misses == 0 and second.cache.hits == first.cache.misses
+
+
+def test_next_phase_starts_from_the_previous_lora(tmp_path, tiny_models):
+    from facelora.train.init import resolve_init
+
+    data = write_pairs(tmp_path / "data")
+    params = settings("qwen_image_edit", tiny_models["qwen_image_edit"], steps=3)
+    train_phase("one", data, tmp_path / "train" / "one", params, cache_dir=tmp_path / "c",
+                show_progress=False)  # fmt: skip
+    init = resolve_init(params, "two", tmp_path / "train", tmp_path / "eval")
+    assert init == list_checkpoints(tmp_path / "train" / "one")[-1][1] / lora_io.DIFFUSERS_WEIGHTS
+    second = Trainer("two", data, tmp_path / "train" / "two", params, init_lora=init,
+                     cache_dir=tmp_path / "c")  # fmt: skip
+    expected, _ = lora_io.read_lora(init)
+    now = lora_io.lora_state(second.adapter.transformer)
+    assert all(torch.equal(now[k], expected[k]) for k in expected)
+    with pytest.raises(FileNotFoundError, match="train one first"):
+        resolve_init(params, "two", tmp_path / "nowhere", tmp_path / "eval")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_models, monkeypatch):
+    data = write_pairs(tmp_path / "data", n=2)
+    params = settings("qwen_image_edit", tiny_models["qwen_image_edit"], steps=6)
+    trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
+    real_predict = trainer.adapter.predict
+    calls = []
+
+    def predict_then_fail(*args):  # injects the failure; the loop's handling is under test
+        calls.append(1)
+        out = real_predict(*args)
+        return out * float("nan") if len(calls) == 5 else out
+
+    monkeypatch.setattr(trainer.adapter, "predict", predict_then_fail)
+    with pytest.raises(TrainingDiverged, match="at step 5.*step-000003"):
+        trainer.run(show_progress=False)
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [3]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_models):
+    data = write_pairs(tmp_path / "data", n=4)
+    model = tiny_models["qwen_image_edit"]
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(json.dumps({
+        "seed": 5, "lr": 1e-3, "model": {"family": "qwen_image_edit", "path": str(model)},
+        "lora": {"rank": 4, "dropout": 0.1},
+        "train": {"resolution": 64, "save_every": 5, "noise_offset": 0.05,
+                  "schedule": "cosine", "ema_decay": 0.9},
+        "phases": [{"name": "one", "steps": 40}],
+    }))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+    def command(out):
+        return [str(BIN / "facelora"), "--params", str(params_file), "train", "one", "--data",
+                str(data), "--out", str(out), "--cache", str(tmp_path / "cache")]  # fmt: skip
+
+    subprocess.run(command(tmp_path / "straight"), env=env, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(s >= 10 for s, _ in list_checkpoints(killed)):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps_at_kill = [s for s, _ in list_checkpoints(killed)]
+    assert steps_at_kill and max(steps_at_kill) < 40, steps_at_kill
+    resumed = subprocess.run(command(killed), env=env, check=True, capture_output=True, text=True)
+    assert '"resumed": true' in resumed.stdout
+    a = load_file(tmp_path / "straight/checkpoints/step-000040/pytorch_lora_weights.safetensors")
+    b = load_file(killed / "checkpoints/step-000040/pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ea = load_file(
+        tmp_path / "straight/checkpoints/step-000040/ema/pytorch_lora_weights.safetensors"
+    )
+    eb = load_file(killed / "checkpoints/step-000040/ema/pytorch_lora_weights.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    log_a = (tmp_path / "straight" / "log.csv").read_text().splitlines()
+    log_b = (killed / "log.csv").read_text().splitlines()
+    assert [r.split(",")[:3] for r in log_a] == [r.split(",")[:3] for r in log_b]
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+
+def test_distilled_klein_and_wrong_folders_are_refused(tmp_path, tiny_models):
+    import shutil
+
+    distilled = tmp_path / "distilled"
+    shutil.copytree(tiny_models["flux2_klein"], distilled)
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    with pytest.raises(ModelRefused, match="step-distilled"):
+        check_model_folder(distilled, "flux2_klein")
+    with pytest.raises(ModelRefused, match="not the QwenImageEditPlusPipeline"):
+        check_model_folder(tiny_models["flux2_klein"], "qwen_image_edit")
+    with pytest.raises(FileNotFoundError, match="model.path"):
+        check_model_folder(tmp_path / "nothing", "qwen_image_edit")
+
+
+def test_a_lora_of_another_size_or_architecture_is_refused(tmp_path, tiny_models):
+    adapter = load_adapter(
+        "flux2_klein", tiny_models["flux2_klein"], "float32", torch.device("cpu")
+    )
+    params = settings("flux2_klein", tiny_models["flux2_klein"])
+    lora_io.add_lora(adapter.transformer, "flux2_klein", params.lora)
+    state = lora_io.lora_state(adapter.transformer)
+    key = next(k for k in state if ".lora_A." in k)
+    wider = {**state, key: torch.zeros(4, state[key].shape[1] + 16)}  # another hidden size
+    save_file({f"transformer.{k}": v for k, v in wider.items()}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(lora_io.LoraMismatch, match="another model size"):
+        lora_io.load_into(adapter.transformer, tmp_path / "wide.safetensors", rank=4)
+    other = {"transformer.blocks.0.attn.qkv.lora_A.weight": torch.zeros(4, 8)}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    with pytest.raises(lora_io.LoraMismatch, match="another architecture"):
+        lora_io.load_into(adapter.transformer, tmp_path / "other.safetensors", rank=4)
+    save_file({f"transformer.{k}": v for k, v in state.items()}, str(tmp_path / "ok.safetensors"))
+    with pytest.raises(lora_io.LoraMismatch, match="rank"):
+        lora_io.load_into(adapter.transformer, tmp_path / "ok.safetensors", rank=8)
+
+
+def test_safetensors_files_are_byte_reproducible(tmp_path):
+    from facelora import safetensors_io
+
+    tensors = {
+        "b.weight": torch.arange(6.0).reshape(2, 3),
+        "a.weight": torch.ones(3, dtype=torch.bfloat16),
+    }
+    metadata = {"z": "1", "format": "pt", "lora_adapter_metadata": "{}"}
+    safetensors_io.write(tmp_path / "one.safetensors", tensors, metadata)
+    safetensors_io.write(tmp_path / "two.safetensors", dict(reversed(tensors.items())),
+                         dict(reversed(metadata.items())))  # fmt: skip
+    assert (tmp_path / "one.safetensors").read_bytes() == (
+        tmp_path / "two.safetensors"
+    ).read_bytes()
+    back = load_file(tmp_path / "one.safetensors")
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "one.safetensors"), "pt") as f:
+        assert f.metadata() == metadata
