@@ -40,7 +40,7 @@ rule train:
         cache=f"{RES}/cache",
     shell:
         "facelora train {wildcards.phase} --data {input.data} --out {params.out_dir}"
-        " --cache {params.cache} > {log} 2>&1"
+        " --cache {params.cache} --processes {params.processes} > {log} 2>&1"
 
 
 rule train_all:

@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-root", type=Path, default=None, help="default: RESULTS/eval")
     p.add_argument("--cache", type=Path, default=None, help="default: RESULTS/cache")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="data-parallel processes (GPUs); >1 relaunches under accelerate/torchrun",
+    )
 
     p = sub.add_parser("make-tiny-model", help="a tiny random model of a family (demo, tests)")
     p.add_argument("family", choices=["qwen_image_edit", "flux2_klein"])
@@ -319,7 +325,46 @@ def _ints(text: str | None, what: str) -> list[int] | None:
         raise UserError(f"{what}: give comma-separated integers, e.g. 16,32,64") from None
 
 
+def _relaunch(args, processes: int) -> int:
+    """Run this same command in `processes` processes: accelerate launch on GPUs (DDP, or
+    FSDP from the accelerate config), torchrun on the CPU (gloo)."""
+    import subprocess
+
+    import torch
+
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--processes")
+    del argv[i : i + 2]
+    if torch.cuda.is_available():
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--module",
+            "facelora",
+        ]
+    else:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            "--module",
+            "facelora",
+        ]
+    return subprocess.call(launcher + argv)
+
+
 def cmd_train(args, params) -> int:
+    import os
+
+    if args.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _relaunch(args, args.processes)
     from facelora.train.families import ModelRefused
     from facelora.train.init import resolve_init
     from facelora.train.loop import TrainingDiverged, train_phase
@@ -335,7 +380,9 @@ def cmd_train(args, params) -> int:
         )
     except (ModelRefused, LoraMismatch, TrainingDiverged) as exc:
         raise UserError(str(exc)) from None
-    print(json.dumps({k: summary[k] for k in ("phase", "steps", "final_loss", "resumed")}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        keys = ("phase", "steps", "final_loss", "resumed", "processes", "in_sync")
+        print(json.dumps({k: summary[k] for k in keys}))
     return 0
 
 

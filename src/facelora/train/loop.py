@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -42,8 +43,9 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class DataPosition:
-    epoch: int = 0
-    index: int = 0
+    """Batches consumed so far by the whole group, counted over consecutive epochs."""
+
+    item: int = 0
 
 
 def epoch_batches(samples: list[Sample], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -114,10 +116,19 @@ class Trainer:
         self.data_dir, self.out = Path(data_dir), Path(out)
         self.init_lora = Path(init_lora) if init_lora else None
         self.total = params.phase(phase).steps
-        torch.manual_seed(params.seed)
-        np.random.seed(params.seed % 2**32)
-        random.seed(params.seed)
-        self.device = resolve_device(params.model.device)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.accelerator = None
+        if self.world > 1:  # launched by torchrun / accelerate launch: one process per device
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=resolve_device(params.model.device).type == "cpu")
+            self.device = self.accelerator.device
+        else:
+            self.device = resolve_device(params.model.device)
+        self.rank = int(os.environ.get("RANK", "0"))
+        torch.manual_seed(params.seed + self.rank)
+        np.random.seed((params.seed + self.rank) % 2**32)
+        random.seed(params.seed + self.rank)
         self.adapter: FamilyAdapter = load_adapter(
             params.model.family, params.model.path, params.model.dtype, self.device
         )
@@ -131,7 +142,10 @@ class Trainer:
             lora_io.load_into(transformer, self.init_lora, params.lora.rank)
         if params.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        self.module = transformer  # the plain transformer: what is saved
         self.trainable = [p for p in transformer.parameters() if p.requires_grad]
+        if self.accelerator is not None:  # DDP (or FSDP from the accelerate config) wrapper
+            self.adapter.transformer = self.accelerator.prepare(transformer)
         self.samples = read_phase(
             self.data_dir, params.train.resolution, MAX_REFERENCES[params.model.family]
         )
@@ -140,17 +154,18 @@ class Trainer:
         self.fingerprint = fingerprint(params, phase, self.data_dir, model_id, self.init_lora)
         self.optimizer = make_optimizer(self.trainable, params.lr, params.train)
         self.scheduler = make_scheduler(self.optimizer, params.train, self.total, params.lr)
-        self.noise = torch.Generator().manual_seed(params.seed)
+        self.noise = torch.Generator().manual_seed(params.seed + 1000 * self.rank)
         self.ema = [p.detach().clone() for p in self.trainable] if params.train.ema_decay else None
         self.step, self.position = 0, DataPosition()
+        self._epochs: dict[int, list[list[int]]] = {}
 
     # -- state -------------------------------------------------------------------------------
 
     def _lora_tensors(self, values: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        state = lora_io.lora_state(self.adapter.transformer)
+        state = lora_io.lora_state(self.module)
         if values is None:
             return state
-        names = [n for n, p in self.adapter.transformer.named_parameters() if p.requires_grad]
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         by_param = dict(zip(names, values, strict=True))
         return {k: by_param[self._param_name(k)].detach().cpu().float().clone() for k in state}
 
@@ -177,23 +192,40 @@ class Trainer:
                 p.copy_(value.to(p.device, p.dtype))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], self.noise)
+        _set_rng_state(state["rng"][self.rank], self.noise)
         if self.ema is not None:
             self.ema = [t.to(self.device) for t in state["ema"]]
         self.step = step
         self.position = DataPosition(**state["position"])
+        if len(state["rng"]) != self.world:
+            raise RuntimeError(
+                f"{folder} was written by {len(state['rng'])} processes, this run has "
+                f"{self.world}: resume with the same number of processes (or delete it)"
+            )
         for later_step, later in checkpoint.list_checkpoints(self.out):
             if later_step > step:  # written by the run that died after this checkpoint
                 shutil.rmtree(later)
         log.info("resumed %s from step %d (%s)", self.phase, step, folder)
         return True
 
-    def save(self, loss: float) -> Path:
+    def _gather(self, value):
+        """value from every process, in rank order (just [value] in a single process)."""
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def save(self, loss: float) -> Path | None:
+        rng = self._gather(_rng_state(self.noise))
+        if self.rank != 0:
+            torch.distributed.barrier()
+            return None
         state = {
             "trainable": [p.detach().cpu().clone() for p in self.trainable],
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(self.noise),
+            "rng": rng,
             "position": vars(self.position).copy(),
             "ema": [t.detach().cpu().clone() for t in self.ema] if self.ema is not None else None,
         }
@@ -204,8 +236,8 @@ class Trainer:
             "fingerprint": self.fingerprint,
             "family": self.params.model.family,
         }
-        metadata = lora_io.adapter_metadata(self.adapter.transformer)
-        return checkpoint.save(
+        metadata = lora_io.adapter_metadata(self.module)
+        folder = checkpoint.save(
             self.out,
             self.step,
             type(self.adapter.pipe),
@@ -216,22 +248,41 @@ class Trainer:
             meta,
             self._lora_tensors(self.ema) if self.ema is not None else None,
         )
+        if self.world > 1:
+            torch.distributed.barrier()
+        return folder
+
+    def _mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t) / self.world
+
+    def checksum(self) -> str:
+        h = hashlib.sha256()
+        for p in self.trainable:
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     # -- steps -------------------------------------------------------------------------------
 
     def _next_batch(self) -> list[Sample]:
-        p = self.position
-        batches = epoch_batches(
-            self.samples, self.params.train.batch_size, self.params.seed, p.epoch
-        )
-        if p.index >= len(batches):
-            p.epoch, p.index = p.epoch + 1, 0
-            batches = epoch_batches(
-                self.samples, self.params.train.batch_size, self.params.seed, p.epoch
-            )
-        batch = [self.samples[i] for i in batches[p.index]]
-        p.index += 1
-        return batch
+        """This process's next batch: the group takes `world` consecutive batches of the
+        stream, this process the one at its rank (the same data, split, for any world)."""
+        item = self.position.item + self.rank
+        per_epoch = len(self._epoch(0))
+        batch = self._epoch(item // per_epoch)[item % per_epoch]
+        self.position.item += self.world
+        return [self.samples[i] for i in batch]
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            train = self.params.train
+            self._epochs = {
+                epoch: epoch_batches(self.samples, train.batch_size, self.params.seed, epoch)
+            }
+        return self._epochs[epoch]
 
     def _loss(self, batch: list[Sample]) -> tuple[torch.Tensor, float]:
         train = self.params.train
@@ -263,7 +314,11 @@ class Trainer:
     def run(self, show_progress: bool = True) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
+        if self.rank != 0:  # process 0 fills the cache, the others then read it
+            torch.distributed.barrier()
         self.cache.prepare(self.samples)
+        if self.world > 1 and self.rank == 0:
+            torch.distributed.barrier()
         cache_seconds = time.perf_counter() - started
         resumed = self.resume()
         log_path = self.out / "log.csv"
@@ -274,7 +329,7 @@ class Trainer:
             initial=self.step,
             desc=f"train {self.phase}",
             unit="step",
-            disable=not show_progress,
+            disable=not show_progress or self.rank != 0,
         )
         loss_value, saved = float("nan"), []
         while self.step < self.total:
@@ -287,6 +342,7 @@ class Trainer:
                 total_loss += loss.item() / train.grad_accum
                 sigmas.append(sigma_mean)
             norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, train.max_grad_norm))
+            total_loss = self._mean(total_loss)  # the group's loss (one process: its own)
             if not math.isfinite(total_loss) or not math.isfinite(norm):
                 last = checkpoint.list_checkpoints(self.out)
                 raise TrainingDiverged(
@@ -317,9 +373,12 @@ class Trainer:
             bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.2e}")
             if self.step % train.save_every == 0 or self.step == self.total:
                 saved.append(self.save(total_loss))
-                _write_log(log_path, rows)
+                if self.rank == 0:
+                    _write_log(log_path, rows)
         bar.close()
-        _write_log(log_path, rows)
+        checksums = self._gather(self.checksum())
+        if self.rank == 0:
+            _write_log(log_path, rows)
         summary = {
             "phase": self.phase,
             "steps": self.total,
@@ -335,6 +394,9 @@ class Trainer:
                 "prepare_seconds": round(cache_seconds, 3),
             },
             "resumed": resumed,
+            "processes": self.world,
+            "in_sync": len(set(checksums)) == 1,
+            "rank_checksums": checksums,
         }
         return summary
 
@@ -385,6 +447,10 @@ def plot_loss(log_path: Path, out: Path, title: str) -> None:
     tmp.replace(out)
 
 
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def train_phase(
     phase: str,
     data_dir: Path,
@@ -396,6 +462,10 @@ def train_phase(
 ) -> dict:
     trainer = Trainer(phase, data_dir, out, params, init_lora, cache_dir)
     summary = trainer.run(show_progress=show_progress)
-    plot_loss(out / "log.csv", out / "loss.png", f"phase {phase}")
-    write_json(out / "train.json", summary)
+    if trainer.rank == 0:
+        plot_loss(out / "log.csv", out / "loss.png", f"phase {phase}")
+        write_json(out / "train.json", summary)
+    if trainer.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from facelora.config import TrainParams
 
+log = logging.getLogger(__name__)
 DEFAULT_WEIGHT_DECAY = {"adamw": 1e-5, "adamw8bit": 1e-5, "prodigy": 0.05}
 
 
@@ -33,6 +35,8 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, train: TrainPara
         message = "train.optimizer prodigy needs prodigyopt: pip install prodigyopt"
         raise RuntimeError(message) from None
     # Prodigy estimates the step size itself: lr is a multiplier (1.0 is the intended value)
+    if lr < 0.1:
+        log.warning("train.optimizer prodigy with lr %g: Prodigy expects lr near 1.0", lr)
     return Prodigy(params, lr=lr, weight_decay=decay, decouple=True, use_bias_correction=False)
 
 
