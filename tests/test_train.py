@@ -152,8 +152,8 @@ def test_training_writes_loadable_checkpoints(tmp_path, tiny_models, family):
     fresh.pipe.load_lora_weights(str(last), weight_name="pytorch_lora_weights.safetensors")
     batch = trainer.samples[:1]
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, *trainer.cache.latents(batch[0].end, batch[0].size).shape, generator=g)
-    controls = [trainer.cache.latents(batch[0].start, batch[0].size)[None]]
+    x = torch.randn(1, *trainer.cache.latents(batch[0].target, batch[0].size).shape, generator=g)
+    controls = [trainer.cache.latents(batch[0].controls[0], batch[0].size)[None]]
     text = [trainer.cache.text(batch[0])]
     sigma = torch.tensor([0.5])
     with torch.no_grad():
@@ -388,3 +388,41 @@ def test_two_processes_stay_in_sync(tmp_path, tiny_models):
     state = torch.load(list_checkpoints(out)[-1][1] / "state.pt", weights_only=False)
     assert len(state["rng"]) == 2  # each process's random state, for exact resume
     assert state["position"]["item"] == 12  # 6 steps x 2 processes, one batch each
+
+
+def test_diptych_mode_trains_on_side_by_side_pairs(tmp_path, tiny_models):
+    data = write_pairs(tmp_path / "data", n=2)
+    params = settings("qwen_image_edit", tiny_models["qwen_image_edit"], steps=2, diptych=True)
+    trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
+    sample = trainer.samples[0]
+    assert [p.name for p in sample.target] == [
+        f"{sample.pair_id}_start.png",
+        f"{sample.pair_id}_end.png",
+    ]
+    assert sample.controls == [] and sample.caption.startswith(params.train.diptych_prefix)
+    assert sample.size[0] == 2 * sample.size[1]  # two squares side by side
+    latents = trainer.cache.latents(sample.target, sample.size)
+    assert latents.shape[-1] == 2 * latents.shape[-2]
+    assert np.isfinite(trainer.run(show_progress=False)["final_loss"])
+
+
+def test_regularization_images_are_mixed_in_at_the_ratio(tmp_path, tiny_models):
+    data = write_pairs(tmp_path / "data", n=3)
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((64, 64, 3), 60 * (i + 1), np.uint8)).save(reg / f"r{i}.png")
+    params = settings("qwen_image_edit", tiny_models["qwen_image_edit"], steps=3,
+                      regularization={"folder": str(reg), "ratio": 2})  # fmt: skip
+    trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
+    kinds = [trainer._next_batch()[0].pair_id.startswith("reg:") for _ in range(9)]
+    assert kinds == [False, False, True] * 3
+    reg_sample = trainer.regularization[0]
+    assert (
+        reg_sample.target == reg_sample.controls
+        and reg_sample.caption == params.train.regularization.caption
+    )
+    missing = settings("qwen_image_edit", tiny_models["qwen_image_edit"],
+                       regularization={"folder": str(tmp_path / "none")})  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="train.regularization.folder"):
+        Trainer("one", data, tmp_path / "o2", missing, cache_dir=tmp_path / "cache")

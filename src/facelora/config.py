@@ -364,6 +364,12 @@ class LoraParams(Section):
         return self.alpha if self.alpha is not None else 2.0 * self.rank
 
 
+class RegularizationParams(Section):
+    folder: str | None = None  # photos to keep unchanged (start = end), mixed into training
+    ratio: PositiveInt = 6  # training batches per regularization batch (recipe 6:1)
+    caption: str = "EDITFACE keep the photo unchanged"
+
+
 class TrainParams(Section):
     resolution: PositiveInt = 1024  # target area side: images train at about this many pixels
     batch_size: PositiveInt = 1
@@ -383,6 +389,9 @@ class TrainParams(Section):
     gradient_checkpointing: bool = False
     save_every: PositiveInt = 250
     cache: bool = True  # VAE latents and text embeddings on disk, reused across phases
+    diptych: bool = False  # train on [before | after] side by side, no control image
+    diptych_prefix: str = "a diptych, the same person before (left) and after (right) the edit:"
+    regularization: RegularizationParams = RegularizationParams()
 
     @field_validator("min_snr_gamma")
     @classmethod

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,12 +33,10 @@ CACHE_VERSION = "1"  # bump when the encoding code changes meaning
 @dataclass
 class Sample:
     pair_id: str
-    start: Path
-    end: Path
-    references: list[Path]
+    target: list[Path]  # the end image; [start, end] side by side in diptych mode
+    controls: list[Path]  # start, then references (none in diptych mode)
     caption: str
-    size: tuple[int, int] = (0, 0)  # training width, height
-    keys: dict[str, str] = field(default_factory=dict)  # cache keys
+    size: tuple[int, int] = (0, 0)  # training width, height of the whole target
 
 
 def bucket_size(width: int, height: int, resolution: int, multiple: int = 16) -> tuple[int, int]:
@@ -49,7 +47,13 @@ def bucket_size(width: int, height: int, resolution: int, multiple: int = 16) ->
     return w, h
 
 
-def read_phase(folder: str | Path, resolution: int, max_references: int) -> list[Sample]:
+def read_phase(
+    folder: str | Path,
+    resolution: int,
+    max_references: int,
+    diptych_prefix: str | None = None,
+) -> list[Sample]:
+    """The phase's pairs; with diptych_prefix, each as one [start | end] image."""
     folder = Path(folder)
     manifest = folder / "manifest.jsonl"
     if not manifest.is_file():
@@ -59,21 +63,41 @@ def read_phase(folder: str | Path, resolution: int, max_references: int) -> list
         if not line.strip():
             continue
         row = json.loads(line)
-        end = folder / row["end"]
+        start, end = folder / row["start"], folder / row["end"]
         with Image.open(end) as im:
-            size = bucket_size(im.width, im.height, resolution)
-        samples.append(
-            Sample(
-                pair_id=row["pair_id"],
-                start=folder / row["start"],
-                end=end,
-                references=[folder / r for r in row.get("references", [])][:max_references],
-                caption=row["caption"],
-                size=size,
-            )
-        )
+            width, height = im.size
+        if diptych_prefix is not None:
+            samples.append(Sample(
+                pair_id=row["pair_id"], target=[start, end], controls=[],
+                caption=f"{diptych_prefix} {row['caption']}",
+                size=bucket_size(2 * width, height, resolution),
+            ))  # fmt: skip
+            continue
+        references = [folder / r for r in row.get("references", [])][:max_references]
+        samples.append(Sample(
+            pair_id=row["pair_id"], target=[end], controls=[start, *references],
+            caption=row["caption"], size=bucket_size(width, height, resolution),
+        ))  # fmt: skip
     if not samples:
         raise ValueError(f"{folder} holds no pairs")
+    return samples
+
+
+def read_regularization(folder: str | Path, caption: str, resolution: int) -> list[Sample]:
+    """Photos the LoRA must leave unchanged: each is its own start and end."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"train.regularization.folder = {folder}: not found")
+    samples = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in (".jpg", ".jpeg", ".png", ".webp"):
+            continue
+        with Image.open(path) as im:
+            size = bucket_size(im.width, im.height, resolution)
+        samples.append(Sample(pair_id=f"reg:{path.name}", target=[path], controls=[path],
+                              caption=caption, size=size))  # fmt: skip
+    if not samples:
+        raise ValueError(f"train.regularization.folder = {folder}: no images in it")
     return samples
 
 
@@ -116,23 +140,23 @@ class EncodingCache:
             os.replace(tmp, path)
         return value
 
-    def latents(self, image: Path, size: tuple[int, int]) -> torch.Tensor:
-        data = image.read_bytes()
-        key = _digest("latents", self.vae_id, data, f"{size[0]}x{size[1]}")
+    def latents(self, images: Path | list[Path], size: tuple[int, int]) -> torch.Tensor:
+        """Latents of one image, or of several side by side (a diptych), at size."""
+        parts = [images] if isinstance(images, Path) else list(images)
+        key = _digest("latents", self.vae_id, *[p.read_bytes() for p in parts],
+                      f"{size[0]}x{size[1]}")  # fmt: skip
 
         def compute():
-            with Image.open(image) as im:
-                return self.adapter.encode_latents(to_pixels(im, *size))[0]
+            return self.adapter.encode_latents(side_by_side(parts, size))[0]
 
         return self._get("latents", key, compute)
 
     def text(self, sample: Sample) -> torch.Tensor:
-        controls = [sample.start, *sample.references]
-        contents = [p.read_bytes() for p in controls]
+        contents = [p.read_bytes() for p in sample.controls]
         key = _digest("text", self.text_id, sample.caption, *contents)
 
         def compute():
-            images = [Image.open(p).convert("RGB") for p in controls]
+            images = [Image.open(p).convert("RGB") for p in sample.controls]
             return self.adapter.encode_text(sample.caption, images)
 
         return self._get("text", key, compute)
@@ -142,7 +166,21 @@ class EncodingCache:
         if self.folder is None:
             return
         for s in progress(samples, desc="cache", unit="pair"):
-            self.latents(s.end, s.size)
-            for control in [s.start, *s.references]:
+            self.latents(s.target, s.size)
+            for control in s.controls:
                 self.latents(control, s.size)
             self.text(s)
+
+
+def side_by_side(parts: list[Path], size: tuple[int, int]) -> torch.Tensor:
+    """(1, 3, H, W) pixels: the parts resized to equal widths and placed left to right."""
+    width, height = size
+    if len(parts) == 1:
+        with Image.open(parts[0]) as im:
+            return to_pixels(im, width, height)
+    step = width // len(parts)
+    tiles = []
+    for i, path in enumerate(parts):
+        with Image.open(path) as im:
+            tiles.append(to_pixels(im, step if i < len(parts) - 1 else width - step * i, height))
+    return torch.cat(tiles, dim=3)

@@ -173,7 +173,7 @@ class QwenImageEdit(FamilyAdapter):
             conditions = [self._condition_image(c) for c in controls]
         with torch.no_grad():
             embeds, mask = self.pipe.encode_prompt(
-                prompt=[caption], image=conditions, device=self.device
+                prompt=[caption], image=conditions or None, device=self.device
             )
         if mask is not None:
             embeds = embeds[:, : int(mask[0].sum())]

@@ -28,7 +28,7 @@ from facelora.atomic import write_json
 from facelora.config import Params
 from facelora.progress import progress
 from facelora.train import checkpoint, lora_io
-from facelora.train.data import EncodingCache, Sample, read_phase
+from facelora.train.data import EncodingCache, Sample, read_phase, read_regularization
 from facelora.train.families import MAX_REFERENCES, FamilyAdapter, load_adapter, resolve_device
 from facelora.train.optim import make_optimizer, make_scheduler
 from facelora.train.sampling import noisy_latents, sample_sigmas
@@ -54,7 +54,7 @@ def epoch_batches(samples: list[Sample], batch_size: int, seed: int, epoch: int)
     order = torch.randperm(len(samples), generator=g).tolist()
     buckets: dict[tuple, list[int]] = {}
     for i in order:
-        key = (samples[i].size, len(samples[i].references))
+        key = (samples[i].size, len(samples[i].controls))
         buckets.setdefault(key, []).append(i)
     batches = [
         b[j : j + batch_size] for b in buckets.values() for j in range(0, len(b), batch_size)
@@ -77,6 +77,11 @@ def fingerprint(
     }
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     h.update((data_dir / "manifest.jsonl").read_bytes())
+    reg = params.train.regularization.folder
+    if reg and Path(reg).is_dir():
+        for f in sorted(Path(reg).rglob("*")):
+            if f.is_file():
+                h.update(f.name.encode() + f.read_bytes())
     h.update(model_id.encode())
     if init is not None:
         h.update(Path(init).read_bytes())
@@ -146,8 +151,14 @@ class Trainer:
         self.trainable = [p for p in transformer.parameters() if p.requires_grad]
         if self.accelerator is not None:  # DDP (or FSDP from the accelerate config) wrapper
             self.adapter.transformer = self.accelerator.prepare(transformer)
+        train = params.train
+        diptych = train.diptych_prefix if train.diptych else None
         self.samples = read_phase(
-            self.data_dir, params.train.resolution, MAX_REFERENCES[params.model.family]
+            self.data_dir, train.resolution, MAX_REFERENCES[params.model.family], diptych
+        )
+        reg = train.regularization
+        self.regularization = (
+            read_regularization(reg.folder, reg.caption, train.resolution) if reg.folder else []
         )
         self.cache = EncodingCache(cache_dir if params.train.cache else None, self.adapter)
         model_id = self.adapter.component_identity("transformer")
@@ -157,7 +168,7 @@ class Trainer:
         self.noise = torch.Generator().manual_seed(params.seed + 1000 * self.rank)
         self.ema = [p.detach().clone() for p in self.trainable] if params.train.ema_decay else None
         self.step, self.position = 0, DataPosition()
-        self._epochs: dict[int, list[list[int]]] = {}
+        self._epochs: dict[tuple, list[list[int]]] = {}
 
     # -- state -------------------------------------------------------------------------------
 
@@ -269,30 +280,36 @@ class Trainer:
 
     def _next_batch(self) -> list[Sample]:
         """This process's next batch: the group takes `world` consecutive batches of the
-        stream, this process the one at its rank (the same data, split, for any world)."""
+        stream, this process the one at its rank (the same data, split, for any world).
+        With regularization, every (ratio + 1)-th batch of the stream is a regularization one."""
         item = self.position.item + self.rank
-        per_epoch = len(self._epoch(0))
-        batch = self._epoch(item // per_epoch)[item % per_epoch]
         self.position.item += self.world
-        return [self.samples[i] for i in batch]
+        samples = self.samples
+        if self.regularization:
+            cycle = self.params.train.regularization.ratio + 1
+            if item % cycle == cycle - 1:
+                samples, item = self.regularization, item // cycle
+            else:
+                item = item - item // cycle
+        per_epoch = len(self._epoch(samples, 0))
+        batch = self._epoch(samples, item // per_epoch)[item % per_epoch]
+        return [samples[i] for i in batch]
 
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._epochs:
+    def _epoch(self, samples: list[Sample], epoch: int) -> list[list[int]]:
+        key = (id(samples), epoch)
+        if key not in self._epochs:
             train = self.params.train
-            self._epochs = {
-                epoch: epoch_batches(self.samples, train.batch_size, self.params.seed, epoch)
-            }
-        return self._epochs[epoch]
+            self._epochs[key] = epoch_batches(samples, train.batch_size, self.params.seed, epoch)
+            if len(self._epochs) > 4:
+                self._epochs.pop(next(iter(self._epochs)))
+        return self._epochs[key]
 
     def _loss(self, batch: list[Sample]) -> tuple[torch.Tensor, float]:
         train = self.params.train
-        x0 = torch.stack([self.cache.latents(s.end, s.size) for s in batch]).float()
+        x0 = torch.stack([self.cache.latents(s.target, s.size) for s in batch]).float()
         controls = [
-            torch.stack([self.cache.latents(s.start, s.size) for s in batch]),
-            *[
-                torch.stack([self.cache.latents(s.references[k], s.size) for s in batch])
-                for k in range(len(batch[0].references))
-            ],
+            torch.stack([self.cache.latents(s.controls[k], s.size) for s in batch])
+            for k in range(len(batch[0].controls))
         ]
         text = [self.cache.text(s) for s in batch]
         noise = torch.randn(x0.shape, generator=self.noise)
@@ -316,7 +333,7 @@ class Trainer:
         started = time.perf_counter()
         if self.rank != 0:  # process 0 fills the cache, the others then read it
             torch.distributed.barrier()
-        self.cache.prepare(self.samples)
+        self.cache.prepare(self.samples + self.regularization)
         if self.world > 1 and self.rank == 0:
             torch.distributed.barrier()
         cache_seconds = time.perf_counter() - started
