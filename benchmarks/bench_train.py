@@ -24,29 +24,33 @@ Each run is a fresh child process (a new model load, new temporary folders), so 
 memory is its own: process max RSS via resource.getrusage (this parent imports only the
 standard library, so what Linux carries over from it at fork + exec is a few MB, printed),
 plus torch.cuda.max_memory_allocated on CUDA. Torch's intra-op threads are fixed (--threads,
-also OMP_NUM_THREADS / MKL_NUM_THREADS in the children) and printed.
+also OMP_NUM_THREADS / MKL_NUM_THREADS in the children) and printed; the default, 1, keeps
+the figures steady on a 2-core machine that other work shares (with 2 threads, a busy
+neighbour made single steps up to 10x slower). The load average is printed at the start and
+the end: compare figures only between runs on an idle, or equally busy, machine.
 
 Optionally (--diffusers-script PATH) the same tiny Klein model, pairs, resolution, batch size,
 LoRA rank and target modules, optimizer and dtype are run through diffusers' own example
 trainer `examples/dreambooth/train_dreambooth_lora_flux2_klein_img2img.py` (from the diffusers
-GitHub repository; not part of the pip package, so it is not shipped here), with
-`python SCRIPT ...` in one process, offline. That script reads img2img pairs only through
+GitHub repository; not part of the pip package, so it is not shipped here), with `python SCRIPT
+...` in one process, offline. That script reads img2img pairs only through
 `datasets.load_dataset` (`--dataset_name` with `--cond_image_column`; its `--instance_data_dir`
 path loads no condition images), so the phase folder is written as a local parquet dataset
 (image = end, cond_image = start, caption); the `datasets` package must be importable
-(--diffusers-pythonpath DIR adds e.g. a `pip install --target DIR datasets` folder for that
-run only). Its steps are timed from the script's own "Steps" progress bar, which it advances
-once per optimizer step: the intervals between its updates (the first from the bar's
-creation), with the same warm-up rows dropped. Its two modes: `--cache_latents` (latents
-encoded once, kept in memory) and without it (the VAE encodes every step); in both it encodes
-the captions once before training (it always does when a caption column is given), so its
-"uncached" re-encodes images only. Its "cache build" is its "Caching latents" loop. No tracker
-is installed (`--report_to all` finds none), so it logs nothing per step.
+(--diffusers-pythonpath DIR adds e.g. a `pip install --no-deps --target DIR datasets dill
+multiprocess xxhash` folder for that run only). Its steps are timed from the script's own
+"Steps" progress bar, which it advances once per optimizer step: the intervals between its
+updates (the first from the bar's creation), with the same warm-up rows dropped. Its two modes:
+`--cache_latents` (latents encoded once, kept in memory) and without it (the VAE encodes every
+step); in both it encodes the captions once before training (it always does when a caption
+column is given), so its "uncached" re-encodes images only. Its "cache build" is its "Caching
+latents" loop (captions only, without --cache_latents). No tracker is installed (`--report_to
+all` finds none), so it logs nothing per step.
 
 Run it:
 
     .venv/bin/python benchmarks/bench_train.py [--family all] [--steps 20] [--warmup 3]
-        [--pairs 8] [--resolution 64] [--device cpu] [--repeat 1] [--threads 2]
+        [--pairs 8] [--resolution 64] [--device cpu] [--repeat 1] [--threads 1]
         [--diffusers-script PATH [--diffusers-pythonpath DIR]]
 
 It prints figures only; nothing is asserted. The tiny models are random: the figures measure
@@ -242,8 +246,14 @@ def child_facelora(job: dict) -> dict:
 
 def child_diffusers(job: dict) -> dict:
     """diffusers' example trainer in this process, its 'Steps' bar timed (see the docstring)."""
+    import importlib.util
     import runpy
 
+    if importlib.util.find_spec("datasets") is None:
+        raise SystemExit(
+            "the diffusers script reads img2img pairs with `datasets`, which is not importable "
+            "here: install it, or pass --diffusers-pythonpath DIR"
+        )
     info = _torch_setup(job["threads"], job["device"])
 
     import tqdm.auto
@@ -324,6 +334,10 @@ def child_diffusers(job: dict) -> dict:
     runpy.run_path(job["script"], run_name="__main__")
     run_seconds = time.perf_counter() - t0
 
+    from safetensors.torch import load_file
+
+    saved = root / "out" / "pytorch_lora_weights.safetensors"  # a check: the same LoRA size
+    lora = load_file(saved) if saved.is_file() else {}
     starts = [t for d, k, t in events if d == "Steps" and k == "start"]
     updates = [t for d, k, t in events if d == "Steps" and k == "update"]
     stamps = starts[:1] + updates
@@ -335,6 +349,7 @@ def child_diffusers(job: dict) -> dict:
         "warmup_seconds": seconds[: job["warmup"]],
         "cache_seconds": cache[-1] - cache[0] if len(cache) >= 2 else None,
         "run_seconds": run_seconds,
+        "trainable_params": sum(t.numel() for t in lora.values()),
         "rss_mb": peak_rss_mb(),
         "cuda_peak_mb": _cuda_peak_mb(job["device"]),
     }
@@ -413,6 +428,10 @@ def summarise(runs: list[dict]) -> dict | None:
     }
 
 
+def _load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -458,7 +477,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: steadiest on a small shared machine)",
+    )
     parser.add_argument(
         "--diffusers-script",
         type=Path,
@@ -515,6 +539,7 @@ def main() -> None:
             f"{args.rank}; {args.warmup} warm-up + {args.steps} timed steps per run, "
             f"{args.repeat} run(s) per row"
         )
+        print(f"  load average at start (1, 5, 15 min): {_load()}")
         built = ", ".join(f"{f} {s:.1f} s" for f, s in setup["build_seconds"].items())
         print(f"  setup (tiny models: {built}; data): {time.perf_counter() - t0:.1f} s")
         print()
@@ -636,10 +661,12 @@ def main() -> None:
                 continue
             first = s["runs"][0]
             print(
-                f"  {family} {label}: whole script {first['run_seconds']:.1f} s, warm-up steps "
+                f"  {family} {label}: whole script {first['run_seconds']:.1f} s, LoRA params "
+                f"saved {first['trainable_params']}, warm-up steps "
                 f"{', '.join(f'{x:.3f}' for x in first['warmup_seconds'])} s"
             )
         print(f"  this parent's own peak RSS: {peak_rss_mb():.0f} MB")
+        print(f"  load average at the end (1, 5, 15 min): {_load()} (other work skews timings)")
 
 
 if __name__ == "__main__":

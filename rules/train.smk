@@ -38,6 +38,7 @@ rule train:
         phase=lambda w: P.phase(w.phase).model_dump(mode="json"),
         out_dir=output_parent("summary"),
         cache=f"{RES}/cache",
+        processes=max(1, P.resources.train.gpus),
     shell:
         "facelora train {wildcards.phase} --data {input.data} --out {params.out_dir}"
         " --cache {params.cache} --processes {params.processes} > {log} 2>&1"

@@ -15,8 +15,19 @@ def facelora(*args, cwd):
 
 def test_help_lists_every_step(tmp_path):
     out = facelora("--help", cwd=tmp_path)
-    for command in ("sample-data", "detect", "crop", "pair-index", "pair", "gather", "caption",
-                    "split", "select", "summary", "params"):  # fmt: skip
+    for command in (
+        "sample-data",
+        "detect",
+        "crop",
+        "pair-index",
+        "pair",
+        "gather",
+        "caption",
+        "split",
+        "select",
+        "summary",
+        "params",
+    ):
         assert command in out.stdout
 
 
@@ -51,8 +62,19 @@ def test_bad_shard_and_unknown_phase(tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")
     out = facelora("detect", ".", "--out", "f.parquet", "--shard", "3/2", cwd=tmp_path)
     assert out.returncode == 2 and "0 <= INDEX < COUNT" in out.stderr
-    out = facelora("select", "nope", "--pairs", "p", "--captions", "c", "--split", "s",
-                   "--out-dir", "o", cwd=tmp_path)  # fmt: skip
+    out = facelora(
+        "select",
+        "nope",
+        "--pairs",
+        "p",
+        "--captions",
+        "c",
+        "--split",
+        "s",
+        "--out-dir",
+        "o",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2 and "no phase named 'nope'" in out.stderr
 
 
@@ -78,11 +100,18 @@ def test_plan_prints_the_lora_size_from_a_config(tmp_path):
     import json
 
     config = {
-        "_class_name": "QwenImageTransformer2DModel", "patch_size": 2, "in_channels": 64,
-        "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
-        "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
-        "axes_dims_rope": [16, 56, 56], "zero_cond_t": True,
-    }  # fmt: skip
+        "_class_name": "QwenImageTransformer2DModel",
+        "patch_size": 2,
+        "in_channels": 64,
+        "out_channels": 16,
+        "num_layers": 60,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 3584,
+        "guidance_embeds": False,
+        "axes_dims_rope": [16, 56, 56],
+        "zero_cond_t": True,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     out = facelora("plan", "config.json", "--ranks", "64", "--presets", "full", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -20,8 +20,11 @@ def faces(sample_raw):
     predictor = dlib.shape_predictor(str(model_path(params, "landmarks_model")))
     reference = dlib.face_recognition_model_v1(str(model_path(params, "embedder_model")))
     chips, expected = [], []
-    for name in ["kontext/group_glasses_start.jpg", "manifest/before/t1_person4_restore.jpg",
-                 "kontext/grace_hopper_restore_start.jpg"]:  # fmt: skip
+    for name in [
+        "kontext/group_glasses_start.jpg",
+        "manifest/before/t1_person4_restore.jpg",
+        "kontext/grace_hopper_restore_start.jpg",
+    ]:
         img = Image.open(sample_raw / name).convert("RGB")
         img.thumbnail((1024, 1024))
         rgb = np.asarray(img)

@@ -48,8 +48,15 @@ def write_pairs(folder: Path, n: int = 4, size: int = 64, seed: int = 0) -> Path
         Image.fromarray(end).save(folder / f"{pid}_end.png")
         caption = "EDITFACE paint a yellow square"
         (folder / f"{pid}.txt").write_text(caption + "\n")
-        rows.append({"pair_id": pid, "start": f"{pid}_start.png", "end": f"{pid}_end.png",
-                     "references": [], "caption": caption})  # fmt: skip
+        rows.append(
+            {
+                "pair_id": pid,
+                "start": f"{pid}_start.png",
+                "end": f"{pid}_end.png",
+                "references": [],
+                "caption": caption,
+            }
+        )
     (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
@@ -136,8 +143,13 @@ def test_training_writes_loadable_checkpoints(tmp_path, tiny_models, family):
     log_rows = (out / "log.csv").read_text().splitlines()
     assert len(log_rows) == 7 and log_rows[0].startswith("step,loss,lr,grad_norm")
     last = list_checkpoints(out)[-1][1]
-    for name in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors", "state.pt",
-                 "meta.json", "ema/pytorch_lora_weights.safetensors"):  # fmt: skip
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "lora_comfyui.safetensors",
+        "state.pt",
+        "meta.json",
+        "ema/pytorch_lora_weights.safetensors",
+    ):
         assert (last / name).is_file(), name
     weights = load_file(last / "pytorch_lora_weights.safetensors")
     assert all(k.startswith("transformer.") and ".lora_" in k for k in weights)
@@ -198,12 +210,19 @@ def test_next_phase_starts_from_the_previous_lora(tmp_path, tiny_models):
 
     data = write_pairs(tmp_path / "data")
     params = settings("qwen_image_edit", tiny_models["qwen_image_edit"], steps=3)
-    train_phase("one", data, tmp_path / "train" / "one", params, cache_dir=tmp_path / "c",
-                show_progress=False)  # fmt: skip
+    train_phase(
+        "one",
+        data,
+        tmp_path / "train" / "one",
+        params,
+        cache_dir=tmp_path / "c",
+        show_progress=False,
+    )
     init = resolve_init(params, "two", tmp_path / "train", tmp_path / "eval")
     assert init == list_checkpoints(tmp_path / "train" / "one")[-1][1] / lora_io.DIFFUSERS_WEIGHTS
-    second = Trainer("two", data, tmp_path / "train" / "two", params, init_lora=init,
-                     cache_dir=tmp_path / "c")  # fmt: skip
+    second = Trainer(
+        "two", data, tmp_path / "train" / "two", params, init_lora=init, cache_dir=tmp_path / "c"
+    )
     expected, _ = lora_io.read_lora(init)
     now = lora_io.lora_state(second.adapter.transformer)
     assert all(torch.equal(now[k], expected[k]) for k in expected)
@@ -233,23 +252,46 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_models
     data = write_pairs(tmp_path / "data", n=4)
     model = tiny_models["qwen_image_edit"]
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(json.dumps({
-        "seed": 5, "lr": 1e-3, "model": {"family": "qwen_image_edit", "path": str(model)},
-        "lora": {"rank": 4, "dropout": 0.1},
-        "train": {"resolution": 64, "save_every": 5, "noise_offset": 0.05,
-                  "schedule": "cosine", "ema_decay": 0.9},
-        "phases": [{"name": "one", "steps": 40}],
-    }))  # fmt: skip
+    params_file.write_text(
+        json.dumps(
+            {
+                "seed": 5,
+                "lr": 1e-3,
+                "model": {"family": "qwen_image_edit", "path": str(model)},
+                "lora": {"rank": 4, "dropout": 0.1},
+                "train": {
+                    "resolution": 64,
+                    "save_every": 5,
+                    "noise_offset": 0.05,
+                    "schedule": "cosine",
+                    "ema_decay": 0.9,
+                },
+                "phases": [{"name": "one", "steps": 40}],
+            }
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
 
     def command(out):
-        return [str(BIN / "facelora"), "--params", str(params_file), "train", "one", "--data",
-                str(data), "--out", str(out), "--cache", str(tmp_path / "cache")]  # fmt: skip
+        return [
+            str(BIN / "facelora"),
+            "--params",
+            str(params_file),
+            "train",
+            "one",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
 
     subprocess.run(command(tmp_path / "straight"), env=env, check=True, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not any(s >= 10 for s, _ in list_checkpoints(killed)):
         time.sleep(0.05)
@@ -320,8 +362,11 @@ def test_safetensors_files_are_byte_reproducible(tmp_path):
     }
     metadata = {"z": "1", "format": "pt", "lora_adapter_metadata": "{}"}
     safetensors_io.write(tmp_path / "one.safetensors", tensors, metadata)
-    safetensors_io.write(tmp_path / "two.safetensors", dict(reversed(tensors.items())),
-                         dict(reversed(metadata.items())))  # fmt: skip
+    safetensors_io.write(
+        tmp_path / "two.safetensors",
+        dict(reversed(tensors.items())),
+        dict(reversed(metadata.items())),
+    )
     assert (tmp_path / "one.safetensors").read_bytes() == (
         tmp_path / "two.safetensors"
     ).read_bytes()
@@ -366,20 +411,41 @@ def test_two_processes_stay_in_sync(tmp_path, tiny_models):
     LoRA, having trained on different batches."""
     data = write_pairs(tmp_path / "data", n=4)
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(json.dumps({
-        "seed": 2, "lr": 1e-3,
-        "model": {"family": "flux2_klein", "path": str(tiny_models["flux2_klein"])},
-        "lora": {"rank": 4, "preset": "all_blocks"},
-        "train": {"resolution": 64, "save_every": 3},
-        "phases": [{"name": "one", "steps": 6}],
-    }))  # fmt: skip
+    params_file.write_text(
+        json.dumps(
+            {
+                "seed": 2,
+                "lr": 1e-3,
+                "model": {"family": "flux2_klein", "path": str(tiny_models["flux2_klein"])},
+                "lora": {"rank": 4, "preset": "all_blocks"},
+                "train": {"resolution": 64, "save_every": 3},
+                "phases": [{"name": "one", "steps": 6}],
+            }
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
     out = tmp_path / "out"
     run = subprocess.run(
-        [str(BIN / "facelora"), "--params", str(params_file), "train", "one", "--data", str(data),
-         "--out", str(out), "--cache", str(tmp_path / "cache"), "--processes", "2"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            str(BIN / "facelora"),
+            "--params",
+            str(params_file),
+            "train",
+            "one",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--processes",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "train.json").read_text())
     assert summary["processes"] == 2 and summary["in_sync"] is True
@@ -412,8 +478,12 @@ def test_regularization_images_are_mixed_in_at_the_ratio(tmp_path, tiny_models):
     reg.mkdir()
     for i in range(2):
         Image.fromarray(np.full((64, 64, 3), 60 * (i + 1), np.uint8)).save(reg / f"r{i}.png")
-    params = settings("qwen_image_edit", tiny_models["qwen_image_edit"], steps=3,
-                      regularization={"folder": str(reg), "ratio": 2})  # fmt: skip
+    params = settings(
+        "qwen_image_edit",
+        tiny_models["qwen_image_edit"],
+        steps=3,
+        regularization={"folder": str(reg), "ratio": 2},
+    )
     trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
     kinds = [trainer._next_batch()[0].pair_id.startswith("reg:") for _ in range(9)]
     assert kinds == [False, False, True] * 3
@@ -422,7 +492,28 @@ def test_regularization_images_are_mixed_in_at_the_ratio(tmp_path, tiny_models):
         reg_sample.target == reg_sample.controls
         and reg_sample.caption == params.train.regularization.caption
     )
-    missing = settings("qwen_image_edit", tiny_models["qwen_image_edit"],
-                       regularization={"folder": str(tmp_path / "none")})  # fmt: skip
+    missing = settings(
+        "qwen_image_edit",
+        tiny_models["qwen_image_edit"],
+        regularization={"folder": str(tmp_path / "none")},
+    )
     with pytest.raises(FileNotFoundError, match="train.regularization.folder"):
         Trainer("one", data, tmp_path / "o2", missing, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_encoder_lora_is_trained_and_saved(tmp_path, tiny_models, family):
+    data = write_pairs(tmp_path / "data", n=2)
+    params = settings(family, tiny_models[family], steps=3)
+    params = params.model_copy(
+        update={"lora": params.lora.model_copy(update={"train_text_encoder": True})}
+    )
+    trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
+    assert len(trainer.trainable) > trainer.n_transformer
+    trainer.run(show_progress=False)
+    last = list_checkpoints(tmp_path / "out")[-1][1]
+    text = load_file(last / "text_encoder_lora.safetensors")
+    assert text and all(k.startswith("text_encoder.") and "self_attn" in k for k in text)
+    assert any(float(v.abs().max()) > 0 for k, v in text.items() if ".lora_B." in k)
+    transformer = load_file(last / "pytorch_lora_weights.safetensors")
+    assert not any(k.startswith("text_encoder.") for k in transformer)

@@ -37,11 +37,20 @@ def run(cmd, cwd, check=True, **kw):
 # the demo's settings with short training phases, so the whole workflow runs in a test
 SHORT_PHASES = [
     {"name": "broad", "steps": 8, "init_from": "none"},
-    {"name": "skin_match", "steps": 6, "init_from": "best",
-     "filters": {"skin_delta_e": {"max": 8.0}}, "top": {"by": "skin_delta_e", "fraction": 0.5}},
-    {"name": "best_quality", "steps": 4, "init_from": "best",
-     "top": {"by": "quality", "fraction": 0.25}},
-]  # fmt: skip
+    {
+        "name": "skin_match",
+        "steps": 6,
+        "init_from": "best",
+        "filters": {"skin_delta_e": {"max": 8.0}},
+        "top": {"by": "skin_delta_e", "fraction": 0.5},
+    },
+    {
+        "name": "best_quality",
+        "steps": 4,
+        "init_from": "best",
+        "top": {"by": "quality", "fraction": 0.25},
+    },
+]
 
 
 def make_project(dest: Path, raw: Path) -> Path:

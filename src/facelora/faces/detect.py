@@ -62,8 +62,9 @@ def analyse_image(
     try:
         loaded = decode_image(raw, params.images, max_side=params.faces.max_side)
     except ImageRejected as exc:
-        return _image_row(rel, status="rejected", reason=exc.reason, sha256=raw.sha256,
-                          bytes=len(raw.data)), []  # fmt: skip
+        return _image_row(
+            rel, status="rejected", reason=exc.reason, sha256=raw.sha256, bytes=len(raw.data)
+        ), []
     info = loaded.info
     row = _image_row(
         rel,
@@ -85,28 +86,39 @@ def analyse_image(
     row["n_small_faces"] = len(detections) - len(kept)
     if not found:
         smallest = DETECTOR_MIN_FACE_PX * to_full
-        row.update(status="rejected", reason=(
-            f"no face found (faces under about {smallest:.0f} px are missed at faces.max_side "
-            f"{params.faces.max_side}; raise it to find smaller faces)"
-        ))  # fmt: skip
+        row.update(
+            status="rejected",
+            reason=(
+                f"no face found (faces under about {smallest:.0f} px are missed at faces.max_side "
+                f"{params.faces.max_side}; raise it to find smaller faces)"
+            ),
+        )
         return row, []
     if not detections:
         best = max(d.score for d in found)
-        row.update(status="rejected", reason=(
-            f"only low-confidence faces: {len(found)} found, best score {best:.2f} < "
-            f"{backend.min_score_setting} {backend.min_score}"
-        ))  # fmt: skip
+        row.update(
+            status="rejected",
+            reason=(
+                f"only low-confidence faces: {len(found)} found, best score {best:.2f} < "
+                f"{backend.min_score_setting} {backend.min_score}"
+            ),
+        )
         return row, []
     if not kept:
-        row.update(status="rejected", reason=(
-            f"only tiny faces: {len(detections)} face(s) smaller than faces.min_face_px "
-            f"{params.faces.min_face_px}"
-        ))  # fmt: skip
+        row.update(
+            status="rejected",
+            reason=(
+                f"only tiny faces: {len(detections)} face(s) smaller than faces.min_face_px "
+                f"{params.faces.min_face_px}"
+            ),
+        )
         return row, []
     if len(kept) > params.faces.max_faces:
-        row.update(n_faces=len(kept), status="rejected", reason=(
-            f"too many faces: {len(kept)} > faces.max_faces {params.faces.max_faces}"
-        ))  # fmt: skip
+        row.update(
+            n_faces=len(kept),
+            status="rejected",
+            reason=(f"too many faces: {len(kept)} > faces.max_faces {params.faces.max_faces}"),
+        )
         return row, []
     # face 0 is the largest; ties broken left to right, so the order is reproducible
     kept.sort(key=lambda d: (-round(d.area, 3), float(d.box[0]), float(d.box[1])))

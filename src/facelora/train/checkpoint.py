@@ -4,6 +4,7 @@
         pytorch_lora_weights.safetensors   diffusers layout (pipe.load_lora_weights)
         lora_comfyui.safetensors           ComfyUI layout
         ema/pytorch_lora_weights.safetensors  (with train.ema_decay)
+        text_encoder_lora.safetensors      (with lora.train_text_encoder)
         state.pt                           optimizer, schedule, RNG states, data position, EMA,
                                            exact LoRA tensors
         meta.json                          step, loss, the run's fingerprint
@@ -53,6 +54,7 @@ def save(
     state: dict,
     meta: dict,
     ema_tensors: dict[str, torch.Tensor] | None = None,
+    text_encoder_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     final = checkpoint_dir(out, step)
     building = final.with_name(f".{final.name}.building")
@@ -61,6 +63,8 @@ def save(
     building.mkdir(parents=True)
     lora_io.save_diffusers(building, pipeline_class, lora_tensors, metadata)
     lora_io.save_comfyui(building, lora_tensors, alpha)
+    if text_encoder_tensors is not None:
+        lora_io.save_text_encoder(building, text_encoder_tensors, alpha)
     if ema_tensors is not None:
         (building / "ema").mkdir()
         lora_io.save_diffusers(building / "ema", pipeline_class, ema_tensors, metadata)

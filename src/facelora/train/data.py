@@ -67,17 +67,26 @@ def read_phase(
         with Image.open(end) as im:
             width, height = im.size
         if diptych_prefix is not None:
-            samples.append(Sample(
-                pair_id=row["pair_id"], target=[start, end], controls=[],
-                caption=f"{diptych_prefix} {row['caption']}",
-                size=bucket_size(2 * width, height, resolution),
-            ))  # fmt: skip
+            samples.append(
+                Sample(
+                    pair_id=row["pair_id"],
+                    target=[start, end],
+                    controls=[],
+                    caption=f"{diptych_prefix} {row['caption']}",
+                    size=bucket_size(2 * width, height, resolution),
+                )
+            )
             continue
         references = [folder / r for r in row.get("references", [])][:max_references]
-        samples.append(Sample(
-            pair_id=row["pair_id"], target=[end], controls=[start, *references],
-            caption=row["caption"], size=bucket_size(width, height, resolution),
-        ))  # fmt: skip
+        samples.append(
+            Sample(
+                pair_id=row["pair_id"],
+                target=[end],
+                controls=[start, *references],
+                caption=row["caption"],
+                size=bucket_size(width, height, resolution),
+            )
+        )
     if not samples:
         raise ValueError(f"{folder} holds no pairs")
     return samples
@@ -94,8 +103,15 @@ def read_regularization(folder: str | Path, caption: str, resolution: int) -> li
             continue
         with Image.open(path) as im:
             size = bucket_size(im.width, im.height, resolution)
-        samples.append(Sample(pair_id=f"reg:{path.name}", target=[path], controls=[path],
-                              caption=caption, size=size))  # fmt: skip
+        samples.append(
+            Sample(
+                pair_id=f"reg:{path.name}",
+                target=[path],
+                controls=[path],
+                caption=caption,
+                size=size,
+            )
+        )
     if not samples:
         raise ValueError(f"train.regularization.folder = {folder}: no images in it")
     return samples
@@ -143,8 +159,9 @@ class EncodingCache:
     def latents(self, images: Path | list[Path], size: tuple[int, int]) -> torch.Tensor:
         """Latents of one image, or of several side by side (a diptych), at size."""
         parts = [images] if isinstance(images, Path) else list(images)
-        key = _digest("latents", self.vae_id, *[p.read_bytes() for p in parts],
-                      f"{size[0]}x{size[1]}")  # fmt: skip
+        key = _digest(
+            "latents", self.vae_id, *[p.read_bytes() for p in parts], f"{size[0]}x{size[1]}"
+        )
 
         def compute():
             return self.adapter.encode_latents(side_by_side(parts, size))[0]

@@ -133,8 +133,11 @@ class FamilyAdapter:
         """(1, 3, H, W) in [-1, 1] -> normalised latents in the model's channel space."""
         raise NotImplementedError
 
-    def encode_text(self, caption: str, controls: list[Image.Image]) -> torch.Tensor:
-        """One prompt -> (L, D) embeddings (padding removed where the model allows)."""
+    def encode_text(
+        self, caption: str, controls: list[Image.Image], grad: bool = False
+    ) -> torch.Tensor:
+        """One prompt -> (L, D) embeddings (padding removed where the model allows); with
+        grad, gradients reach the text encoder (lora.train_text_encoder)."""
         raise NotImplementedError
 
     def predict(
@@ -168,10 +171,12 @@ class QwenImageEdit(FamilyAdapter):
         w, h = module.calculate_dimensions(module.CONDITION_IMAGE_SIZE, image.width / image.height)
         return self.pipe.image_processor.resize(image, h, w)
 
-    def encode_text(self, caption: str, controls: list[Image.Image]) -> torch.Tensor:
+    def encode_text(
+        self, caption: str, controls: list[Image.Image], grad: bool = False
+    ) -> torch.Tensor:
         with self.reference_sizes():
             conditions = [self._condition_image(c) for c in controls]
-        with torch.no_grad():
+        with _grad(grad):
             embeds, mask = self.pipe.encode_prompt(
                 prompt=[caption], image=conditions or None, device=self.device
             )
@@ -219,8 +224,10 @@ class Flux2Klein(FamilyAdapter):
         with torch.no_grad():
             return self.pipe._encode_vae_image(image.to(self.device, self.dtype), generator=None)
 
-    def encode_text(self, caption: str, controls: list[Image.Image]) -> torch.Tensor:
-        with torch.no_grad():
+    def encode_text(
+        self, caption: str, controls: list[Image.Image], grad: bool = False
+    ) -> torch.Tensor:
+        with _grad(grad):
             embeds, _ = self.pipe.encode_prompt(
                 prompt=[caption],
                 device=self.device,
@@ -257,6 +264,10 @@ class Flux2Klein(FamilyAdapter):
 
         seq_len = latents.shape[2] * latents.shape[3]
         return math.exp(compute_empirical_mu(image_seq_len=seq_len, num_steps=50))
+
+
+def _grad(enabled: bool):
+    return torch.enable_grad() if enabled else torch.no_grad()
 
 
 def _pad_text(text: list[torch.Tensor], device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:

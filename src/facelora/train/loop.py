@@ -149,6 +149,18 @@ class Trainer:
             transformer.enable_gradient_checkpointing()
         self.module = transformer  # the plain transformer: what is saved
         self.trainable = [p for p in transformer.parameters() if p.requires_grad]
+        self.n_transformer = len(self.trainable)
+        self.text_encoder = None
+        if params.lora.train_text_encoder:
+            if self.world > 1:
+                raise ValueError("lora.train_text_encoder runs in one process only (for now)")
+            self.text_encoder = self.adapter.pipe.text_encoder
+            lora_io.add_text_encoder_lora(self.text_encoder, params.lora)
+            for name, p in self.text_encoder.named_parameters():
+                p.requires_grad_("lora_" in name)
+                if "lora_" in name:
+                    p.data = p.data.float()
+                    self.trainable.append(p)
         if self.accelerator is not None:  # DDP (or FSDP from the accelerate config) wrapper
             self.adapter.transformer = self.accelerator.prepare(transformer)
         train = params.train
@@ -177,7 +189,7 @@ class Trainer:
         if values is None:
             return state
         names = [n for n, p in self.module.named_parameters() if p.requires_grad]
-        by_param = dict(zip(names, values, strict=True))
+        by_param = dict(zip(names, values[: self.n_transformer], strict=True))
         return {k: by_param[self._param_name(k)].detach().cpu().float().clone() for k in state}
 
     @staticmethod
@@ -258,6 +270,7 @@ class Trainer:
             state,
             meta,
             self._lora_tensors(self.ema) if self.ema is not None else None,
+            lora_io.module_lora_state(self.text_encoder) if self.text_encoder is not None else None,
         )
         if self.world > 1:
             torch.distributed.barrier()
@@ -311,7 +324,10 @@ class Trainer:
             torch.stack([self.cache.latents(s.controls[k], s.size) for s in batch])
             for k in range(len(batch[0].controls))
         ]
-        text = [self.cache.text(s) for s in batch]
+        if self.text_encoder is not None:  # encoded every step, so gradients reach its LoRA
+            text = [self._encode_text(s) for s in batch]
+        else:
+            text = [self.cache.text(s) for s in batch]
         noise = torch.randn(x0.shape, generator=self.noise)
         if train.noise_offset:
             noise += train.noise_offset * torch.randn(
@@ -327,6 +343,12 @@ class Trainer:
         )
         loss = F.mse_loss(pred.float(), target.to(self.device).float())
         return loss, float(sigma.mean())
+
+    def _encode_text(self, sample: Sample) -> torch.Tensor:
+        from PIL import Image
+
+        images = [Image.open(p).convert("RGB") for p in sample.controls]
+        return self.adapter.encode_text(sample.caption, images, grad=True)
 
     def run(self, show_progress: bool = True) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ Files:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -44,6 +45,48 @@ def add_lora(transformer: torch.nn.Module, family: str, lora: LoraParams) -> lis
     )
     transformer.add_adapter(config)
     return names
+
+
+TEXT_ENCODER_WEIGHTS = "text_encoder_lora.safetensors"
+TEXT_ENCODER_TARGETS = re.compile(
+    r"^(model\.language_model|model)\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$"
+)
+
+
+def add_text_encoder_lora(text_encoder: torch.nn.Module, lora: LoraParams) -> list[str]:
+    """A LoRA on the text model's attention projections (Qwen2.5-VL's language model, Qwen3)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = [n for n, _ in text_encoder.named_modules() if TEXT_ENCODER_TARGETS.match(n)]
+    if not names:
+        raise LoraMismatch("lora.train_text_encoder: no attention projections found to adapt")
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.scale_alpha,
+        lora_dropout=lora.dropout,
+        target_modules=names,
+        init_lora_weights=True,
+    )
+    # peft directly: transformers' own add_adapter wants a newer peft than diffusers pins
+    inject_adapter_in_model(config, text_encoder)
+    return names
+
+
+def module_lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA tensors of a module with injected adapters, keyed like peft's state dicts."""
+    return {
+        name.replace(".default.", "."): p.detach().to("cpu", torch.float32).clone()
+        for name, p in module.named_parameters()
+        if ".lora_A." in name or ".lora_B." in name
+    }
+
+
+def save_text_encoder(folder: Path, state: dict[str, torch.Tensor], alpha: float) -> Path:
+    """The text encoder's LoRA (the pipelines' loaders take transformer LoRAs only)."""
+    path = folder / TEXT_ENCODER_WEIGHTS
+    tensors = {f"text_encoder.{k}": v for k, v in state.items()}
+    safetensors_io.write(path, tensors, metadata={"format": "pt", "lora_alpha": str(alpha)})
+    return path
 
 
 def lora_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
