@@ -517,3 +517,37 @@ def test_text_encoder_lora_is_trained_and_saved(tmp_path, tiny_models, family):
     assert any(float(v.abs().max()) > 0 for k, v in text.items() if ".lora_B." in k)
     transformer = load_file(last / "pytorch_lora_weights.safetensors")
     assert not any(k.startswith("text_encoder.") for k in transformer)
+
+
+def test_buckets_keep_aspect_and_never_mix_in_a_batch(tmp_path):
+    from facelora.train.data import Sample, bucket_size
+    from facelora.train.loop import epoch_batches
+
+    assert bucket_size(1024, 1024, 1024) == (1024, 1024)
+    w, h = bucket_size(1536, 1024, 1024)
+    assert (
+        w % 16 == 0
+        and h % 16 == 0
+        and abs(w / h - 1.5) < 0.05
+        and abs(w * h - 1024**2) < 0.05 * 1024**2
+    )
+    sizes = [(64, 64) if i % 3 else (96, 48) for i in range(12)]
+    samples = [
+        Sample(f"p{i}", [tmp_path / "x"], [tmp_path / "y"], "c", size=s)
+        for i, s in enumerate(sizes)
+    ]
+    batches = epoch_batches(samples, 3, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    assert all(len({samples[i].size for i in b}) == 1 for b in batches)
+    assert epoch_batches(samples, 3, seed=0, epoch=0) == batches
+    assert epoch_batches(samples, 3, seed=0, epoch=1) != batches
+
+
+def test_gradient_checkpointing_trains(tmp_path, tiny_models):
+    data = write_pairs(tmp_path / "data", n=2)
+    params = settings(
+        "flux2_klein", tiny_models["flux2_klein"], steps=2, gradient_checkpointing=True
+    )
+    trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
+    assert trainer.module.is_gradient_checkpointing
+    assert np.isfinite(trainer.run(show_progress=False)["final_loss"])
