@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from facelora.train.families import ADAPTERS, _dtype, check_model_folder
+from facelora.train.families import ADAPTERS, check_model_folder
 
 LORA_ADAPTER = "facelora"  # the adapter name apply_lora gives the LoRA inside the pipeline
 QWEN_PIPELINE = "QwenImageEditPlusPipeline"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def load_pipeline(
@@ -37,7 +38,7 @@ def load_pipeline(
     import diffusers
 
     check_model_folder(path, family)
-    torch_dtype = _dtype(dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     cls = getattr(diffusers, ADAPTERS[family].pipeline_class_name)
     pipe = cls.from_pretrained(Path(path), dtype=torch_dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
