@@ -128,3 +128,17 @@ def test_snakemake_config_overrides_are_refused(tmp_path):
     assert load_workflow_params({"lr": 1e-4}, str(path)).lr == 1e-4
     with pytest.raises(ParamsError, match="changed lr"):
         load_workflow_params({"lr": 5e-5}, str(path))
+
+
+def test_lora_follows_the_family_recipe_unless_set():
+    qwen = validate_params({}).lora
+    assert (qwen.preset, qwen.rank, qwen.alpha) == ("full", 64, 128.0)
+    klein = validate_params({"model": {"family": "flux2_klein"}}).lora
+    assert (klein.preset, klein.rank, klein.alpha) == ("double_stream", 128, 64.0)
+    custom = validate_params(
+        {
+            "model": {"family": "flux2_klein"},
+            "lora": {"preset": "blocks", "blocks": [1], "rank": 8, "alpha": 3},
+        }
+    )
+    assert (custom.lora.preset, custom.lora.rank, custom.lora.alpha) == ("blocks", 8, 3.0)

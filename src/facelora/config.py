@@ -349,19 +349,42 @@ class ModelParams(Section):
     device: str = "auto"  # auto: cuda when available, else cpu
 
 
+# The recipe's LoRA per family: Qwen full preset, rank 64, alpha 2 x rank; Klein double-stream
+# blocks (best face similarity in A/B tests), rank 128, alpha 64.
+LORA_RECIPE = {
+    "qwen_image_edit": {"preset": "full", "rank": 64, "alpha_per_rank": 2.0},
+    "flux2_klein": {"preset": "double_stream", "rank": 128, "alpha_per_rank": 0.5},
+}
+
+
 class LoraParams(Section):
-    # qwen_image_edit: full | attention | image_stream; flux2_klein: all_blocks |
-    # double_stream | single_stream | blocks; or a list of module names
-    preset: str | list[str] = "full"
+    # None: the family's recipe (LORA_RECIPE). qwen_image_edit: full | attention |
+    # image_stream; flux2_klein: all_blocks | double_stream | single_stream | blocks;
+    # or a list of module names
+    preset: str | list[str] | None = None
     blocks: list[int] | None = None  # flux2_klein preset `blocks`: the block indices
-    rank: PositiveInt = 64
-    alpha: float | None = None  # None: 2 x rank
+    rank: PositiveInt | None = None
+    alpha: float | None = None
     dropout: Fraction = 0.0
     train_text_encoder: bool = False
 
+    def for_family(self, family: str) -> LoraParams:
+        """These settings with every None replaced by the family's recipe value."""
+        recipe = LORA_RECIPE[family]
+        rank = self.rank if self.rank is not None else recipe["rank"]
+        return self.model_copy(
+            update={
+                "preset": self.preset if self.preset is not None else recipe["preset"],
+                "rank": rank,
+                "alpha": self.alpha if self.alpha is not None else recipe["alpha_per_rank"] * rank,
+            }
+        )
+
     @property
     def scale_alpha(self) -> float:
-        return self.alpha if self.alpha is not None else 2.0 * self.rank
+        if self.alpha is None or self.rank is None:
+            raise ValueError("call for_family() first: rank/alpha follow the model family")
+        return self.alpha
 
 
 class RegularizationParams(Section):
@@ -447,6 +470,11 @@ class Params(Section):
     lora: LoraParams = LoraParams()
     train: TrainParams = TrainParams()
     resources: ResourcesParams = ResourcesParams()
+
+    @model_validator(mode="after")
+    def _lora_for_family(self) -> Params:
+        self.lora = self.lora.for_family(self.model.family)
+        return self
 
     @model_validator(mode="after")
     def _phase_chain(self) -> Params:
