@@ -551,3 +551,15 @@ def test_gradient_checkpointing_trains(tmp_path, tiny_models):
     trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
     assert trainer.module.is_gradient_checkpointing
     assert np.isfinite(trainer.run(show_progress=False)["final_loss"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_quantized_base_needs_a_gpu_and_says_so(tiny_models):
+    with pytest.raises(ModelRefused, match="model.quantize = nf4 needs a CUDA GPU"):
+        load_adapter(
+            "qwen_image_edit",
+            tiny_models["qwen_image_edit"],
+            "float32",
+            torch.device("cpu"),
+            quantize="nf4",
+        )

@@ -347,6 +347,8 @@ class ModelParams(Section):
     path: str = "results/models/tiny-qwen_image_edit"
     dtype: Literal["bfloat16", "float16", "float32"] = "float32"  # bfloat16 on GPUs
     device: str = "auto"  # auto: cuda when available, else cpu
+    # the frozen transformer quantized with bitsandbytes (CUDA only): less memory, LoRA in fp32
+    quantize: Literal["none", "nf4", "int8"] = "none"
 
 
 # The recipe's LoRA per family: Qwen full preset, rank 64, alpha 2 x rank; Klein double-stream

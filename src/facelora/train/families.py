@@ -81,7 +81,7 @@ class FamilyAdapter:
     family: str
     pipeline_class_name: str
 
-    def __init__(self, path: str | Path, dtype: str, device: torch.device):
+    def __init__(self, path: str | Path, dtype: str, device: torch.device, quantize: str = "none"):
         import diffusers
 
         check_model_folder(path, self.family)
@@ -89,16 +89,47 @@ class FamilyAdapter:
         self.device = device
         self.dtype = _dtype(dtype)
         cls = getattr(diffusers, self.pipeline_class_name)
-        self.pipe = cls.from_pretrained(self.path, dtype=self.dtype, local_files_only=True)
+        extra = {}
+        if quantize != "none":
+            extra["transformer"] = self._quantized_transformer(quantize)
+        self.pipe = cls.from_pretrained(self.path, dtype=self.dtype, local_files_only=True, **extra)
         self.pipe.set_progress_bar_config(disable=True)
         for name in ("transformer", "vae", "text_encoder"):
             module = getattr(self.pipe, name)
             module.requires_grad_(False)
-            module.to(device)
+            if not (name == "transformer" and quantize != "none"):  # placed when quantized
+                module.to(device)
         self.transformer = self.pipe.transformer
         from facelora.models.tiny import read_marker
 
         self.tiny = read_marker(self.path) is not None
+
+    def _quantized_transformer(self, quantize: str):
+        if not torch.cuda.is_available():
+            raise ModelRefused(
+                f"model.quantize = {quantize} needs a CUDA GPU (bitsandbytes quantizes on the "
+                f"GPU); set model.quantize: none to train on this machine"
+            )
+        import diffusers
+
+        if quantize == "nf4":
+            config = diffusers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.dtype
+            )
+        else:
+            config = diffusers.BitsAndBytesConfig(load_in_8bit=True)
+        cls = type(self).transformer_class(diffusers)
+        return cls.from_pretrained(
+            self.path,
+            subfolder="transformer",
+            quantization_config=config,
+            dtype=self.dtype,
+            local_files_only=True,
+        )
+
+    @staticmethod
+    def transformer_class(diffusers):
+        raise NotImplementedError
 
     def reference_sizes(self):
         """The pipeline's reference image sizes: lowered for the tiny test models (as their
@@ -159,6 +190,10 @@ class QwenImageEdit(FamilyAdapter):
     family = "qwen_image_edit"
     pipeline_class_name = "QwenImageEditPlusPipeline"
 
+    @staticmethod
+    def transformer_class(diffusers):
+        return diffusers.QwenImageTransformer2DModel
+
     def encode_latents(self, image: torch.Tensor) -> torch.Tensor:
         pixels = image.to(self.device, self.dtype).unsqueeze(2)  # (1, 3, 1, H, W): video VAE
         with torch.no_grad():
@@ -217,6 +252,11 @@ class QwenImageEdit(FamilyAdapter):
 class Flux2Klein(FamilyAdapter):
     family = "flux2_klein"
     pipeline_class_name = "Flux2KleinPipeline"
+
+    @staticmethod
+    def transformer_class(diffusers):
+        return diffusers.Flux2Transformer2DModel
+
     text_layers = (9, 18, 27)  # the pipeline's default text_encoder_out_layers
     max_text_tokens = 512  # the pipeline's default max_sequence_length
 
@@ -284,8 +324,10 @@ def _pad_text(text: list[torch.Tensor], device, dtype) -> tuple[torch.Tensor, to
 ADAPTERS = {"qwen_image_edit": QwenImageEdit, "flux2_klein": Flux2Klein}
 
 
-def load_adapter(family: str, path: str | Path, dtype: str, device: torch.device) -> FamilyAdapter:
-    return ADAPTERS[family](path, dtype, device)
+def load_adapter(
+    family: str, path: str | Path, dtype: str, device: torch.device, quantize: str = "none"
+) -> FamilyAdapter:
+    return ADAPTERS[family](path, dtype, device, quantize)
 
 
 def to_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:

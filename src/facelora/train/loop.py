@@ -135,7 +135,11 @@ class Trainer:
         np.random.seed((params.seed + self.rank) % 2**32)
         random.seed(params.seed + self.rank)
         self.adapter: FamilyAdapter = load_adapter(
-            params.model.family, params.model.path, params.model.dtype, self.device
+            params.model.family,
+            params.model.path,
+            params.model.dtype,
+            self.device,
+            params.model.quantize,
         )
         transformer = self.adapter.transformer
         self.targets = lora_io.add_lora(transformer, params.model.family, params.lora)
