@@ -1,4 +1,5 @@
-# facelora: a folder of face photos -> phase datasets -> one LoRA per phase.
+# facelora: a folder of face photos -> phase datasets -> one LoRA per phase -> evaluated
+# checkpoints -> the best of each phase -> the final LoRA.
 # Every rule runs one `facelora` command; the logic lives in src/facelora.
 # Local: snakemake --cores 2    Cluster: snakemake --profile slurm    Settings: params.yaml
 
@@ -8,6 +9,7 @@ include: "rules/faces.smk"
 include: "rules/pairs.smk"
 include: "rules/phases.smk"
 include: "rules/train.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:
@@ -15,3 +17,4 @@ rule all:
     input:
         rules.prepare.input,
         rules.train_all.input,
+        rules.final.output,

@@ -1,5 +1,7 @@
 # Settings (validated against facelora.config's schema) and helpers shared by all rules.
 from facelora.workflow import (
+    eval_group_outputs,
+    job_resources,
     load_workflow_params,
     output_parent,
     previous_training,
@@ -8,6 +10,7 @@ from facelora.workflow import (
     raw_images,
     raw_sidecars,
     settings,
+    train_processes,
 )
 
 

@@ -12,6 +12,8 @@ rule detect:
     conda:
         ENV
     threads: P.workflow.workers
+    resources:
+        **job_resources(P, "data"),
     params:
         settings=settings(P, "images", "faces"),
         raw=RAW,
@@ -33,6 +35,8 @@ rule gather_faces:
         "logs/gather_faces.log",
     conda:
         ENV
+    resources:
+        **job_resources(P, "data"),
     shell:
         "facelora gather faces {input.faces} --out {output.faces} > {log} 2>&1"
 
@@ -49,6 +53,8 @@ rule crop:
     conda:
         ENV
     threads: P.workflow.workers
+    resources:
+        **job_resources(P, "data"),
     params:
         settings=settings(P, "images", "crop"),
         raw=RAW,
@@ -70,6 +76,8 @@ rule gather_crops:
         "logs/gather_crops.log",
     conda:
         ENV
+    resources:
+        **job_resources(P, "data"),
     params:
         out_dir=output_parent("crops"),
     shell:

@@ -15,6 +15,8 @@ rule pair_index:
         "logs/pair_index.log",
     conda:
         ENV
+    resources:
+        **job_resources(P, "data"),
     params:
         settings=settings(P, "images", "pairs", "faces"),
         raw=RAW,
@@ -36,6 +38,8 @@ rule pair:
     conda:
         ENV
     threads: P.workflow.workers
+    resources:
+        **job_resources(P, "data"),
     params:
         settings=settings(P, "images", "crop", "pairs"),
         raw=RAW,
@@ -59,6 +63,8 @@ rule gather_pairs:
         "logs/gather_pairs.log",
     conda:
         ENV
+    resources:
+        **job_resources(P, "data"),
     params:
         settings=settings(P, "pairs"),
         out_dir=output_parent("pairs"),
@@ -78,6 +84,8 @@ rule caption:
         "logs/caption.log",
     conda:
         ENV
+    resources:
+        **job_resources(P, "data"),
     params:
         settings=settings(P, "captions", "pairs"),
         out_dir=output_parent("captions"),

@@ -13,6 +13,8 @@ rule split:
         "logs/split.log",
     conda:
         ENV
+    resources:
+        **job_resources(P, "data"),
     params:
         settings=settings(P, "seed", "split", "faces"),
     shell:
@@ -34,6 +36,8 @@ rule select_phase:
         phase="|".join(PHASES),
     conda:
         ENV
+    resources:
+        **job_resources(P, "data"),
     params:
         settings=lambda w: P.phase(w.phase).model_dump(mode="json"),
         order=PHASES,
@@ -54,6 +58,8 @@ rule summary:
         "logs/summary.log",
     conda:
         ENV
+    resources:
+        **job_resources(P, "data"),
     params:
         results=output_parent("summary", 2),
         out_dir=output_parent("summary"),

@@ -10,6 +10,8 @@ rule make_tiny_model:
         family="qwen_image_edit|flux2_klein",
     conda:
         ENV
+    resources:
+        **job_resources(P, "data"),
     shell:
         "facelora make-tiny-model {wildcards.family} {output} > {log} 2>&1"
 
@@ -30,18 +32,18 @@ rule train:
         ENV
     threads: P.resources.train.cpus
     resources:
-        gpu=P.resources.train.gpus,
-        mem_mb=P.resources.train.mem_mb,
-        runtime=P.resources.train.runtime,
+        **job_resources(P, "train"),
     params:
         settings=settings(P, "seed", "lr", "model", "lora", "train"),
         phase=lambda w: P.phase(w.phase).model_dump(mode="json"),
         out_dir=output_parent("summary"),
         cache=f"{RES}/cache",
-        processes=max(1, P.resources.train.gpus),
+        processes=train_processes(P),
+        nodes=P.resources.train.nodes,
     shell:
         "facelora train {wildcards.phase} --data {input.data} --out {params.out_dir}"
-        " --cache {params.cache} --processes {params.processes} > {log} 2>&1"
+        " --cache {params.cache} --processes {params.processes} --nodes {params.nodes}"
+        " > {log} 2>&1"
 
 
 rule train_all:

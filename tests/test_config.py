@@ -25,9 +25,16 @@ def test_params_yaml_is_valid_and_documents_the_defaults():
     on_disk = _flat(load_params(ROOT / "params.yaml").model_dump(mode="json"))
     defaults = _flat(Params().model_dump(mode="json"))
     differs = {k for k in defaults if on_disk[k] != defaults[k]}
-    assert differs == {"train.resolution"}
-    line = next(ln for ln in (ROOT / "params.yaml").read_text().splitlines() if "resolution:" in ln)
-    assert "recipe: 1024" in line and "demo" in line
+    assert differs == {
+        "train.resolution",
+        "eval.resolution",
+        "eval.steps",
+        "eval.checkpoints_per_job",
+    }
+    for key in ("resolution:", "steps: 8", "checkpoints_per_job:"):
+        for line in (ROOT / "params.yaml").read_text().splitlines():
+            if line.strip().startswith(key):
+                assert "recipe:" in line and "demo" in line, line
 
 
 def test_every_params_yaml_setting_has_a_comment_nearby():

@@ -1,8 +1,12 @@
 """End to end: the Snakemake workflow and the DVC stage on the sample data, for real."""
 
+import csv
 import filecmp
+import io
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,9 +40,10 @@ def run(cmd, cwd, check=True, **kw):
 
 # the demo's settings with short training phases, so the whole workflow runs in a test
 SHORT_PHASES = [
-    {"name": "broad", "steps": 8, "init_from": "none"},
+    {"name": "broad", "after": "base", "steps": 8, "init_from": "none"},
     {
         "name": "skin_match",
+        "after": "broad",
         "steps": 6,
         "init_from": "best",
         "filters": {"skin_delta_e": {"max": 8.0}},
@@ -46,6 +51,7 @@ SHORT_PHASES = [
     },
     {
         "name": "best_quality",
+        "after": "skin_match",
         "steps": 4,
         "init_from": "best",
         "top": {"by": "quality", "fraction": 0.25},
@@ -63,6 +69,10 @@ def make_project(dest: Path, raw: Path) -> Path:
     settings["train"]["save_every"] = 4
     (dest / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     shutil.copytree(ROOT / "rules", dest / "rules")
+    shutil.copytree(ROOT / "profiles", dest / "profiles")
+    (dest / "results").mkdir()
+    shutil.copy(ROOT / "results" / ".gitignore", dest / "results" / ".gitignore")
+    shutil.copytree(ROOT / "slurm", dest / "slurm")
     shutil.copytree(
         ROOT / "src" / "facelora",
         dest / "src" / "facelora",
@@ -115,10 +125,17 @@ def test_snakemake_runs_the_data_half(snakemake_project):
         steps = {"broad": 8, "skin_match": 6, "best_quality": 4}[phase]
         assert summary["steps"] == steps and summary["checkpoints"]
         assert (results / "train" / phase / "loss.png").is_file()
+    # each checkpoint was judged, the best chosen, and the next phase started from it
+    broad_best = json.loads((results / "eval" / "phases" / "broad" / "best.json").read_text())
+    summary = json.loads((results / "eval" / "summary.json").read_text())
+    assert set(summary["broad"]) == {"4", "8"} and "base" in summary
+    for name in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors", "README.md"):
+        assert (results / "final" / name).is_file()
+    for phase in ("broad", "skin_match", "best_quality"):
+        assert (results / "eval" / "plots" / f"{phase}.png").is_file()
+        assert (results / "eval" / "contact" / f"{phase}.png").is_file()
     second = json.loads((results / "train" / "skin_match" / "train.json").read_text())
-    assert second["init_lora"].endswith(
-        "broad/checkpoints/step-000008/pytorch_lora_weights.safetensors"
-    )
+    assert second["init_lora"] == broad_best["lora"]
     # shard tables stay (a changed photo reruns only its shard), inside the DVC-tracked folders
     assert len(list((results / "faces" / "shards").glob("*.faces.parquet"))) == 2
     logs = snakemake_project / "logs"
@@ -150,29 +167,177 @@ def test_config_overrides_are_refused(snakemake_project):
     assert "edit it there (or use dvc exp run -S key=value)" in out.stdout + out.stderr
 
 
-def test_dvc_repro_gives_the_same_outputs(tmp_path, sample_raw, snakemake_project):
-    project = make_project(tmp_path / "dvc", sample_raw)
-    (project / ".gitignore").write_text("/data/raw\n/results\n/logs\n.snakemake/\n")
-    run(["git", "init", "-q"], project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], project)
-    run([str(BIN / "dvc"), "init", "-q"], project)
-    run([str(BIN / "dvc"), "config", "core.analytics", "false"], project)
-    run([str(BIN / "dvc"), "repro"], project)
+def git(project: Path, *args: str):
+    return run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], project)
+
+
+def dvc(project: Path, *args: str, check: bool = True):
+    return run([str(BIN / "dvc"), *args], project, check=check)
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory, sample_raw):
+    """The demo project under git + DVC, reproduced with `dvc repro` and committed."""
+    project = make_project(tmp_path_factory.mktemp("dvc") / "project", sample_raw)
+    (project / ".gitignore").write_text("/logs\n.snakemake/\n/dvc_plots\n")
+    git(project, "init", "-q")
+    dvc(project, "init", "-q")
+    dvc(project, "config", "core.analytics", "false")
+    dvc(project, "add", "data/raw")  # the photos are data too: versioned, pushed, pulled
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "init")
+    repro = dvc(project, "repro")
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "reproduced")
+    return project, repro.stdout + repro.stderr
+
+
+def test_dvc_repro_gives_the_same_outputs(tmp_path, sample_raw, dvc_project):
+    project, log = dvc_project
+    stages = ["prepare", "baseline", "train@0", "train@1", "train@2", "evaluate", "merge"]
+    assert [line.split("'")[1] for line in log.splitlines() if "Running stage" in line] == stages
     # the model the demo trains is made by the workflow itself (a tiny random model)
     assert (project / "results" / "models" / "tiny-qwen_image_edit" / "model_index.json").is_file()
     # compare with a clean Snakemake run (the shared project had a photo changed since)
     fresh = make_project(tmp_path / "sm", sample_raw)
     run([str(BIN / "snakemake"), "--cores", "2"], fresh)
     assert_same_outputs(project / "results", fresh / "results", OUTPUTS + TRAINED)
-    status = run([str(BIN / "dvc"), "status"], project)
-    assert "up to date" in status.stdout
+    assert "up to date" in dvc(project, "status").stdout
+    # git holds only the metric and plot files of results/; DVC holds the rest
+    tracked = run(["git", "ls-files", "results"], project).stdout.split()
+    assert "results/eval/summary.json" in tracked and "results/summary/summary.json" in tracked
+    assert not [t for t in tracked if t.startswith(("results/train", "results/phases"))]
+
+
+def test_dvc_push_to_a_remote_then_a_fresh_clone_pulls_everything(tmp_path, dvc_project):
+    project, _ = dvc_project
+    dvc(project, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
+    git(project, "commit", "-qam", "remote")
+    dvc(project, "push")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    dvc(clone, "pull")
+    status = dvc(clone, "status")
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
+    for name in ("data/raw", "results/final", "results/train/broad", "results/phases/broad"):
+        assert tree(clone / name) == tree(project / name), name
+    assert (clone / "dvc.lock").read_text() == (project / "dvc.lock").read_text()
+
+
+def test_dvc_experiment_retrains_and_compares(dvc_project):
+    project, _ = dvc_project
     # lr is a training setting: an experiment retrains, the data half stays put
-    exp = run([str(BIN / "dvc"), "exp", "run", "-S", "lr=5e-5"], project)
+    exp = dvc(project, "exp", "run", "-S", "lr=5e-5")
     text = exp.stdout + exp.stderr
-    assert "Stage 'prepare' didn't change" in text and "Running stage 'train'" in text
-    metrics = run([str(BIN / "dvc"), "metrics", "show"], project)
-    assert "funnel.pairs_usable" in metrics.stdout
+    assert "Stage 'prepare' didn't change" in text and "Stage 'baseline' didn't change" in text
+    assert "Running stage 'train@0'" in text and "Running stage 'merge'" in text
+    table = dvc(project, "exp", "show", "--csv").stdout
+    rows = list(csv.DictReader(io.StringIO(table)))
+    assert "chosen.best_quality.bg_ssim" in rows[0]  # the final metrics beside lr
+    assert {r["lr"] for r in rows if r["Experiment"]} == {"5e-05"}
+    assert {r["lr"] for r in rows if r["rev"] == "workspace"} == {"5e-05"}
+    metrics = dvc(project, "metrics", "show").stdout
+    assert "funnel.pairs_usable" in metrics
+    assert "broad.4.bg_ssim" in metrics  # per-checkpoint means of the evaluation
+    diff = dvc(project, "metrics", "diff", "--all", "HEAD").stdout
+    assert "results/eval/summary.json" in diff
+    dvc(project, "plots", "diff", "HEAD", "--out", "dvc_plots")
+    assert (project / "dvc_plots" / "index.html").is_file()
+
+
+# made by the workflow but versioned by no stage: the demo's tiny model (rebuilt from its
+# seed when missing) and the encoding cache
+UNVERSIONED = ("results/models/", "results/cache/")
+
+
+def rule_sections() -> dict[str, set[str]]:
+    """The params.yaml sections each rule declares (`settings(P, ...)`, a phase's entry)."""
+    found = {}
+    for smk in sorted((ROOT / "rules").glob("*.smk")):
+        for block in re.split(r"(?m)^(?=rule )", smk.read_text())[1:]:
+            name = block.split()[1].rstrip(":")
+            sections = set()
+            for call in re.findall(r"settings\(P, ([^)]*)\)", block):
+                sections |= set(re.findall(r'"([a-z_]+)"', call))
+            if "P.phase(" in block:
+                sections.add("phases")
+            found[name] = sections
+    return found
+
+
+def dry_run_jobs(project: Path, args: list[str]) -> dict[str, set[str]]:
+    """{rule: outputs} of every job `snakemake ARGS` would run with everything forced."""
+    out = run([str(BIN / "snakemake"), "--cores", "1", "-n", "--forceall", *args], project)
+    jobs, rule = {}, None
+    for line in out.stdout.splitlines():
+        head = re.match(r"^(?:local)?rule (\w+):", line)
+        if head:
+            rule = head.group(1)
+        elif rule and line.strip().startswith("output:"):
+            jobs.setdefault(rule, set()).update(p.strip() for p in line.split(":", 1)[1].split(","))
+    return jobs
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def test_dvc_stages_and_snakemake_rules_agree(dvc_project):
+    """Each stage runs only its own rules; what they make is declared by this stage, or by a
+    stage it depends on (which DVC brings up to date first, so Snakemake finds it current and
+    leaves it alone); every declared output is made by a rule; and each stage declares every
+    params.yaml section its rules read."""
+    from dvc.repo import Repo
+
+    project, _ = dvc_project
+    sections = rule_sections()
+    with Repo(str(project)) as repo:
+        stages = [s for s in repo.index.stages if s.cmd]  # not data/raw.dvc
+    outs = {s.name: [str(o.def_path) for o in s.outs] for s in stages}
+    deps = {s.name: [str(d.def_path) for d in s.deps] for s in stages}
+    direct = {
+        name: {
+            other
+            for other, paths in outs.items()
+            if other != name and any(_overlaps(d, o) for d in deps[name] for o in paths)
+        }
+        for name in outs
+    }
+    upstream = {}
+    for name in outs:  # the transitive closure of "depends on"
+        seen, todo = set(), list(direct[name])
+        while todo:
+            other = todo.pop()
+            if other not in seen:
+                seen.add(other)
+                todo.extend(direct[other])
+        upstream[name] = seen
+    assert upstream["merge"] >= {"prepare", "baseline", "train@0", "train@2", "evaluate"}
+    assert upstream["train@1"] == {"prepare", "baseline", "train@0"}
+
+    ran: set[str] = set()
+    for stage in stages:
+        name = stage.name
+        args = shlex.split(stage.cmd)
+        assert args[:3] == ["facelora", "snakemake", "--allowed-rules"], stage.cmd
+        jobs = dry_run_jobs(project, args[2:])
+        ran |= set(jobs)
+        assert jobs and set(jobs) <= set(args[3 : args.index("--")]), (name, jobs)
+        made = set().union(*jobs.values())
+        for path in made:
+            if path.startswith(UNVERSIONED):
+                continue
+            holders = [o for o in outs[name] if _overlaps(path, o)]
+            earlier = [s for s in upstream[name] if any(_overlaps(path, o) for o in outs[s])]
+            assert holders or earlier, f"{name}: {path} is made but declared by no stage before"
+        for out in outs[name]:
+            assert any(_overlaps(p, out) for p in made), (name, out)
+        declared = {key for d in stage.deps if hasattr(d, "params") for key in d.params}
+        for rule in jobs:
+            missing = sections[rule] - declared
+            assert not missing, f"{name}: rule {rule} reads {missing}"
+    # every rule that makes a versioned output belongs to some stage
+    assert {"detect", "train", "evaluate", "choose", "eval_report", "final"} <= ran
 
 
 def test_sharded_and_unsharded_runs_are_identical(tmp_path, sample_raw):

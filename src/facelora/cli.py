@@ -119,7 +119,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--processes",
         type=int,
         default=1,
-        help="data-parallel processes (GPUs); >1 relaunches under accelerate/torchrun",
+        help="data-parallel processes (GPUs) per node; >1 relaunches under accelerate/torchrun",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="nodes of the Slurm job (>1: srun starts one accelerate launcher per node)",
+    )
+
+    p = sub.add_parser("evaluate", help="generate and score the validation edits of checkpoints")
+    p.add_argument("phase", help="a phase name, or `base` for the model without a LoRA")
+    p.add_argument("--group", type=int, default=None, help="which eval job of the phase")
+    p.add_argument("--validation", type=Path, required=True)
+    p.add_argument("--train-dir", type=Path, default=None, help="the phase's training folder")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("choose", help="pick the best checkpoint of a phase (best.json)")
+    p.add_argument("phase")
+    p.add_argument("--eval-root", type=Path, required=True)
+    p.add_argument("--train-root", type=Path, required=True)
+
+    p = sub.add_parser("eval-report", help="all rows, per-checkpoint means, plots, sheets")
+    p.add_argument("--eval-root", type=Path, required=True)
+    p.add_argument("--validation", type=Path, required=True)
+
+    p = sub.add_parser("final", help="the final LoRA (last phase's choice) and its model card")
+    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("merge", help="merge LoRAs by weight (exact), optionally SVD-compressed")
+    p.add_argument("inputs", nargs="+", help="LoRA files or checkpoint folders, each PATH[:WEIGHT]")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write")
+    p.add_argument("--rank", type=int, default=None, help="compress to this rank (SVD)")
+    p.add_argument("--no-normalize", action="store_true", help="keep the weights as given")
+    p.add_argument(
+        "--fuse-into",
+        type=Path,
+        default=None,
+        help="a model folder: also write OUT/transformer_fused, its transformer with the merge in",
+    )
+    p.add_argument(
+        "--family",
+        choices=["qwen_image_edit", "flux2_klein"],
+        default=None,
+        help="default: model.family",
     )
 
     p = sub.add_parser("make-tiny-model", help="a tiny random model of a family (demo, tests)")
@@ -144,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         choices=[2, 4],
         help="LoRA file dtype: 2 (bf16) or 4 (fp32)",
+    )
+
+    sub.add_parser(
+        "snakemake",
+        help="snakemake ARGS with --profile from params.yaml's workflow.profile (dvc.yaml)",
+        add_help=False,
     )
 
     p = sub.add_parser("summary", help="counts, rejection reasons and score plots")
@@ -326,44 +376,27 @@ def _ints(text: str | None, what: str) -> list[int] | None:
 
 
 def _relaunch(args, processes: int) -> int:
-    """Run this same command in `processes` processes: accelerate launch on GPUs (DDP, or
-    FSDP from the accelerate config), torchrun on the CPU (gloo)."""
+    """Run this same command in `processes` processes per node (facelora.train.launch)."""
+    import os
     import subprocess
 
     import torch
 
-    argv = [a for a in sys.argv[1:]]
-    i = argv.index("--processes")
-    del argv[i : i + 2]
-    if torch.cuda.is_available():
-        launcher = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--module",
-            "facelora",
-        ]
-    else:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(processes),
-            "--module",
-            "facelora",
-        ]
-    return subprocess.call(launcher + argv)
+    from facelora.train.launch import launcher_argv
+
+    try:
+        argv = launcher_argv(
+            processes, args.nodes, os.environ, torch.cuda.is_available(), sys.argv[1:]
+        )
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from None
+    return subprocess.call(argv)
 
 
 def cmd_train(args, params) -> int:
     import os
 
-    if args.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if (args.processes > 1 or args.nodes > 1) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _relaunch(args, args.processes)
     from facelora.train.families import ModelRefused
     from facelora.train.init import resolve_init
@@ -383,6 +416,85 @@ def cmd_train(args, params) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("phase", "steps", "final_loss", "resumed", "processes", "in_sync")
         print(json.dumps({k: summary[k] for k in keys}))
+    return 0
+
+
+def cmd_evaluate(args, params) -> int:
+    from facelora.evaluate.run import BASE, evaluate_group
+
+    if args.phase == BASE:
+        steps = []
+    else:
+        groups = params.eval_groups(args.phase)
+        if args.group is None or not 0 <= args.group < len(groups):
+            raise UserError(f"--group: give 0..{len(groups) - 1} for phase {args.phase}")
+        if args.train_dir is None:
+            raise UserError("--train-dir is needed for a phase")
+        steps = groups[args.group]
+    frame = evaluate_group(params, args.phase, steps, args.validation, args.train_dir, args.out)
+    print(
+        json.dumps(
+            {
+                "phase": args.phase,
+                "steps": steps,
+                "rows": len(frame),
+                "failed": int((frame["status"] != "ok").sum()),
+            }
+        )
+    )
+    return 0
+
+
+def cmd_choose(args, params) -> int:
+    from facelora.evaluate.report import write_choice
+
+    try:
+        choice = write_choice(args.phase, params, args.eval_root, args.train_root)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps({k: choice[k] for k in ("phase", "step", "score", "reason")}))
+    return 0
+
+
+def cmd_eval_report(args, params) -> int:
+    from facelora.evaluate.report import write_report
+
+    summary = write_report(params, args.eval_root, args.validation)
+    print(json.dumps({phase: len(steps) for phase, steps in summary.items()}))
+    return 0
+
+
+def cmd_final(args, params) -> int:
+    from facelora.final import build_final
+
+    info = build_final(params, args.results, args.out)
+    print(json.dumps({"lora": info["lora"]["source"], "metrics": info["metrics"]}))
+    return 0
+
+
+def cmd_merge(args, params) -> int:
+    from facelora.merge import merge_main
+
+    family = args.family or (params.model.family if params else "qwen_image_edit")
+    try:
+        report = merge_main(
+            args.inputs,
+            args.out,
+            rank=args.rank,
+            family=family,
+            normalize=not args.no_normalize,
+            fuse_into=args.fuse_into,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    summary = {
+        "out": str(args.out),
+        "weights": report.get("weights"),
+        "total_rank": report.get("total_rank"),
+    }
+    if "svd" in report:
+        summary["svd_relative_error"] = report["svd"]["overall"]["relative_error"]
+    print(json.dumps(summary, default=str))
     return 0
 
 
@@ -449,7 +561,52 @@ def cmd_summary(args, params) -> int:
                     f"  {t['phase']:<14} {t['steps']:>6} steps  final loss {t['final_loss']:.4f}"
                     f"  {len(t['checkpoints'])} checkpoints  {path.parent / 'loss.png'}"
                 )
+    evaluated = results / "eval" / "summary.json"
+    if evaluated.is_file():
+        print(format_evaluation(json.loads(evaluated.read_text()), results, params))
     return 0
+
+
+def format_evaluation(summary: dict, results: Path, params) -> str:
+    """The evaluation table: every checkpoint's means, the choice per phase, the final LoRA."""
+    from facelora.config import EVAL_METRICS
+
+    def cell(value) -> str:
+        return f"{value:>12.4f}" if isinstance(value, int | float) else f"{'n/a':>12}"
+
+    lines = ["\nevaluation (means over the validation pairs; n/a: unavailable or all failed):"]
+    lines.append(f"  {'run':<22}" + "".join(f"{m:>12}" for m in EVAL_METRICS) + "  failed")
+    for phase in ["base", *params.phase_names]:
+        chosen = summary.get("chosen", {}).get(phase, {}).get("step")
+        for step, entry in sorted(summary.get(phase, {}).items(), key=lambda kv: int(kv[0])):
+            mark = " *" if chosen is not None and int(step) == chosen else ""
+            name = phase if phase == "base" else f"{phase} @ {step}{mark}"
+            lines.append(
+                f"  {name:<22}"
+                + "".join(cell(entry.get(m)) for m in EVAL_METRICS)
+                + f"  {entry.get('failed', 0)}/{entry.get('pairs', 0)}"
+            )
+    unavailable = {
+        m: info.get("reason")
+        for m, info in summary.get("metrics", {}).items()
+        if not info.get("available", True)
+    }
+    for metric, reason in unavailable.items():
+        lines.append(f"  {metric} unavailable: {reason}")
+    lines.append("  * the chosen checkpoint of each phase (results/eval/phases/<phase>/best.json)")
+    lines.append(
+        f"plots: {results / 'eval' / 'plots'}/, contact sheets: {results / 'eval' / 'contact'}/"
+    )
+    final = results / "final" / "final.json"
+    if final.is_file():
+        lines.append(f"final LoRA: {final.parent}/ (model card {final.parent / 'README.md'})")
+    return "\n".join(lines)
+
+
+def cmd_snakemake(args, params) -> int:
+    from facelora.snakemake_run import run_snakemake
+
+    return run_snakemake(params.workflow.profile, args.snakemake_args)
 
 
 COMMANDS = {
@@ -467,11 +624,21 @@ COMMANDS = {
     "plan": cmd_plan,
     "make-tiny-model": cmd_make_tiny_model,
     "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "choose": cmd_choose,
+    "eval-report": cmd_eval_report,
+    "final": cmd_final,
+    "merge": cmd_merge,
+    "snakemake": cmd_snakemake,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "snakemake":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.snakemake_args = extra
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -480,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     from facelora.faces.types import ModelFileMissing
 
     try:
-        needs_params = args.command not in ("sample-data", "plan", "make-tiny-model")
+        optional = ("sample-data", "plan", "make-tiny-model", "merge")
+        needs_params = args.command not in optional or args.params.is_file()
         params = load_params(args.params) if needs_params else None
         return COMMANDS[args.command](args, params)
     except (ParamsError, UserError, ModelFileMissing, FileNotFoundError) as exc:

@@ -297,6 +297,10 @@ class PhaseParams(Section):
     name: str
     steps: PositiveInt
     init_from: str = "none"  # none | best | last (of the previous phase) | a .safetensors path
+    # the run this phase comes after: `base` (the model alone) for the first, else the previous
+    # phase's name; dvc.yaml's per-phase stages depend on it (null: filled in from the order)
+    after: str | None = None
+    gpus: Annotated[int, Field(ge=0)] | None = None  # per node; null: resources.train.gpus
     filters: dict[ScoreName, ScoreRange] = {}
     top: TopSelection | None = None
     min_pairs: PositiveInt = 1
@@ -429,14 +433,60 @@ class TrainParams(Section):
         return value
 
 
+# --- evaluation, choice, final LoRA -------------------------------------------------------
+
+EVAL_METRICS: dict[str, bool] = {  # metric -> higher is better
+    "identity_sim": True,
+    "lpips": False,
+    "bg_ssim": True,
+    "clip_score": True,
+}
+EvalMetric = Literal["identity_sim", "lpips", "bg_ssim", "clip_score"]
+
+
+class EvalParams(Section):
+    resolution: PositiveInt = 1024  # generated images: about this many pixels squared
+    steps: PositiveInt = 28  # sampling steps
+    guidance: float | None = 4.0  # None: no classifier-free guidance
+    lora_scale: float = 1.0
+    seed: int | None = None  # None: the top-level seed
+    use_ema: bool = False  # judge (and ship) the EMA weights instead of the raw ones
+    checkpoints_per_job: PositiveInt = 1  # a job loads the model once and swaps LoRAs
+    identity_backend: Literal["auto", "insightface", "dlib"] = "auto"  # auto: ArcFace if present
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    lpips_backbone: str | None = None  # None: torchvision's weights in the torch hub cache
+    clip_model: str | None = None  # a local CLIP folder; None: CLIP score unavailable
+    bg_mask_dilation: Annotated[float, Field(ge=0.0, le=2.0)] = 0.25
+    analysis_size: Annotated[int, Field(ge=64)] = 512  # LPIPS and SSIM: the longer side
+
+
+class ObjectiveParams(Section):
+    """How the best checkpoint of a phase is chosen from per-checkpoint mean metrics."""
+
+    constraints: dict[EvalMetric, ScoreRange] = {"identity_sim": ScoreRange(min=0.85)}
+    # a weighted sum of metric means (negative weight: lower is better); missing ones skipped
+    weights: dict[EvalMetric, float] = {
+        "identity_sim": 1.0,
+        "lpips": -1.0,
+        "bg_ssim": 0.5,
+        "clip_score": 0.01,
+    }
+
+
+class FinalParams(Section):
+    merge_rank: PositiveInt | None = None  # compress the final LoRA by SVD to this rank
+    fuse: bool = False  # also write the transformer with the LoRA fused in (large)
+
+
 # --- top level ----------------------------------------------------------------------------
 
 
 class JobResources(Section):
-    gpus: Annotated[int, Field(ge=0)] = 0
+    gpus: Annotated[int, Field(ge=0)] = 0  # per node
     cpus: PositiveInt = 1
-    mem_mb: PositiveInt = 2000
+    mem_mb: PositiveInt = 2000  # per node
     runtime: PositiveInt = 60  # minutes
+    nodes: PositiveInt = 1  # training only: several nodes, one accelerate launcher on each
 
 
 class ResourcesParams(Section):
@@ -444,6 +494,26 @@ class ResourcesParams(Section):
 
     data: JobResources = JobResources(mem_mb=2000, runtime=120)
     train: JobResources = JobResources(gpus=1, cpus=8, mem_mb=64000, runtime=720)
+    eval: JobResources = JobResources(gpus=1, cpus=4, mem_mb=32000, runtime=120)
+    # a failed job is retried (the profile's `retries`) asking for this much more memory and
+    # time each attempt: attempt n gets mem_mb * growth^(n-1)
+    retry_growth: Annotated[float, Field(ge=1.0)] = 1.5
+
+    @model_validator(mode="after")
+    def _nodes_for_training_only(self) -> ResourcesParams:
+        for name in ("data", "eval"):
+            if getattr(self, name).nodes != 1:
+                raise ValueError(f"resources.{name}.nodes: only training spans several nodes")
+        return self
+
+
+class ClusterParams(Section):
+    """Where Slurm jobs go (snakemake --profile slurm); null: the cluster's default."""
+
+    partition: str | None = None  # CPU jobs (the data steps, reports)
+    gpu_partition: str | None = None  # train and evaluate jobs; null: `partition`
+    account: str | None = None
+    qos: str | None = None
 
 
 class PathsParams(Section):
@@ -454,6 +524,9 @@ class PathsParams(Section):
 class WorkflowParams(Section):
     shards: PositiveInt = 2  # data steps are split into this many jobs (scatter/gather)
     workers: PositiveInt = 1  # processes inside one job
+    # the Snakemake profile `dvc repro` runs the stages with: profiles/local (this machine)
+    # or slurm (every job submitted to Slurm)
+    profile: str = "profiles/local"
 
 
 class Params(Section):
@@ -472,6 +545,10 @@ class Params(Section):
     lora: LoraParams = LoraParams()
     train: TrainParams = TrainParams()
     resources: ResourcesParams = ResourcesParams()
+    cluster: ClusterParams = ClusterParams()
+    eval: EvalParams = EvalParams()
+    objective: ObjectiveParams = ObjectiveParams()
+    final: FinalParams = FinalParams()
 
     @model_validator(mode="after")
     def _lora_for_family(self) -> Params:
@@ -486,16 +563,48 @@ class Params(Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"phases: names must be unique, repeated: {', '.join(dupes)}")
+        reserved = sorted({"base", "metrics", "chosen"} & set(names))
+        if reserved:
+            raise ValueError(
+                f"phases: {', '.join(reserved)} is reserved (the model without a LoRA and "
+                "keys of results/eval/summary.json); rename that phase"
+            )
         if self.phases[0].init_from in ("best", "last"):
             raise ValueError(
                 f"phases[0].init_from: the first phase has no previous phase to start from "
                 f"({self.phases[0].init_from!r}); use none or a path to a .safetensors LoRA"
             )
+        # phases run in order: each comes after the previous one (the first after `base`)
+        for i, phase in enumerate(self.phases):
+            expected = "base" if i == 0 else names[i - 1]
+            if phase.after is None:
+                phase.after = expected
+            elif phase.after != expected:
+                raise ValueError(
+                    f"phases[{i}].after: {phase.after!r}, but phases run in the order listed: "
+                    f"it must be {expected!r} (or leave it out)"
+                )
         return self
+
+    def train_gpus(self, phase: str) -> int:
+        """GPUs per node for a phase's training job."""
+        own = self.phase(phase).gpus
+        return self.resources.train.gpus if own is None else own
 
     @property
     def phase_names(self) -> list[str]:
         return [p.name for p in self.phases]
+
+    def eval_groups(self, name: str) -> list[list[int]]:
+        """A phase's checkpoint steps in evaluation jobs of eval.checkpoints_per_job."""
+        steps, n = self.checkpoint_steps(name), self.eval.checkpoints_per_job
+        return [steps[i : i + n] for i in range(0, len(steps), n)]
+
+    def checkpoint_steps(self, name: str) -> list[int]:
+        """The steps at which a phase's training saves a checkpoint (save_every, and the end)."""
+        total, every = self.phase(name).steps, self.train.save_every
+        steps = list(range(every, total + 1, every))
+        return steps if steps and steps[-1] == total else [*steps, total]
 
     def phase(self, name: str) -> PhaseParams:
         for p in self.phases:

@@ -96,7 +96,8 @@ def raw_folder(params: Params):
 
 
 def previous_training(params: Params, results: str):
-    """A rule input: the previous phase's train.json when this phase starts from it."""
+    """A rule input: what this phase starts from: the previous phase's training, and its
+    evaluated choice when init_from is best."""
 
     def inputs(wildcards) -> list[str]:
         phase = params.phase(wildcards.phase)
@@ -104,6 +105,57 @@ def previous_training(params: Params, results: str):
         position = names.index(phase.name)
         if position == 0 or phase.init_from not in ("best", "last"):
             return []
-        return [f"{results}/train/{names[position - 1]}/train.json"]
+        previous = names[position - 1]
+        found = [f"{results}/train/{previous}/train.json"]
+        if phase.init_from == "best":
+            found.append(f"{results}/eval/phases/{previous}/best.json")
+        return found
 
     return inputs
+
+
+def eval_group_outputs(params: Params, results: str):
+    """A rule input: every evaluation job's table of one phase."""
+
+    def inputs(wildcards) -> list[str]:
+        groups = params.eval_groups(wildcards.phase)
+        return [
+            f"{results}/eval/phases/{wildcards.phase}/group-{g}/metrics.csv"
+            for g in range(len(groups))
+        ]
+
+    return inputs
+
+
+def job_resources(params: Params, kind: str) -> dict[str, Any]:
+    """A rule's `resources` (unpacked with **): what its Slurm job asks for, from params.yaml
+    `resources.<kind>` and `cluster`. Memory and runtime grow with each retry; train jobs ask
+    for their phase's GPUs; partition, account and qos appear only when set."""
+    job = getattr(params.resources, kind)
+    growth = params.resources.retry_growth
+
+    def grown(value: int):
+        return lambda wildcards, attempt: round(value * growth ** (attempt - 1))
+
+    out: dict[str, Any] = {"mem_mb": grown(job.mem_mb), "runtime": grown(job.runtime)}
+    if kind == "train":
+        out["gpu"] = lambda wildcards: params.train_gpus(wildcards.phase)
+        if job.nodes > 1:
+            out["nodes"] = job.nodes
+    elif job.gpus:
+        out["gpu"] = job.gpus
+    cluster = params.cluster
+    gpu_job = kind == "train" or job.gpus > 0
+    partition = (cluster.gpu_partition or cluster.partition) if gpu_job else cluster.partition
+    if partition:
+        out["slurm_partition"] = partition
+    if cluster.account:
+        out["slurm_account"] = cluster.account
+    if cluster.qos:
+        out["qos"] = cluster.qos
+    return out
+
+
+def train_processes(params: Params):
+    """`facelora train --processes`: one per GPU of the phase's job (at least one)."""
+    return lambda wildcards: max(1, params.train_gpus(wildcards.phase))

@@ -1,7 +1,7 @@
 """Where a phase's LoRA starts: nothing, a file, or the previous phase's best or last checkpoint.
 
 `best` is the checkpoint the evaluation chose for the previous phase
-(`results/eval/<phase>/best.json`); until that phase has been evaluated, the last checkpoint
+(`results/eval/phases/<phase>/best.json`); until that phase has been evaluated, the last checkpoint
 is used and the choice is logged.
 """
 
@@ -30,7 +30,7 @@ def resolve_init(params: Params, phase: str, train_root: Path, eval_root: Path) 
     names = params.phase_names
     previous = names[names.index(phase) - 1]
     if setting == "best":
-        choice = eval_root / previous / "best.json"
+        choice = eval_root / "phases" / previous / "best.json"
         if choice.is_file():
             return Path(json.loads(choice.read_text())["lora"])
         log.info(

@@ -98,9 +98,11 @@ def generate(
     steps: int,
     seed: int,
     guidance: float | None = None,
-) -> Image.Image:
+    output_type: str = "pil",
+) -> Image.Image | Any:
     """One edited image: `start` then `references` as the pipeline's images, `caption` as the
-    prompt, `steps` flow-matching steps from noise seeded by `seed`.
+    prompt, `steps` flow-matching steps from noise seeded by `seed`. output_type "np" gives the
+    float array (H, W, 3) in [0, 1] as decoded, before any conversion hides NaN values.
 
     guidance: None runs without classifier-free guidance (the conditional prediction only,
     one transformer call per step); a value turns it on: Qwen's true CFG against the negative
@@ -115,7 +117,7 @@ def generate(
         "width": int(width),
         "num_inference_steps": int(steps),
         "generator": generator,
-        "output_type": "pil",
+        "output_type": output_type,
     }
     if type(pipe).__name__ == QWEN_PIPELINE:
         if guidance is None:

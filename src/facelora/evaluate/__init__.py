@@ -1,0 +1,1 @@
+"""Evaluation of checkpoints: generation, metrics, reports and the choice of the best."""

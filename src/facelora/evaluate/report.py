@@ -1,0 +1,267 @@
+"""Evaluation results in one place: the metrics table, per-checkpoint means, plots, contact
+sheets, and the best checkpoint of each phase (the choice and its reason written down).
+
+    results/eval/phases/PHASE/...     each evaluation job's rows and images (base: no LoRA)
+    results/eval/phases/PHASE/best.json  the chosen checkpoint, its score and why
+    results/eval/metrics.csv          every (checkpoint, pair) row, failures included
+    results/eval/summary.json         per phase and step: metric means, failures (DVC metrics)
+    results/eval/plots/PHASE.png      each metric against step, the base model dashed
+    results/eval/contact/PHASE.png    source | target | base | each checkpoint, per pair
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from facelora.atomic import atomic_path, write_csv, write_json
+from facelora.config import EVAL_METRICS, Params
+from facelora.evaluate.run import BASE, COLUMNS, lora_file
+
+
+def gather(tables: list[Path]) -> pd.DataFrame:
+    frames = [pd.read_csv(t) for t in tables if t.is_file()]
+    if not frames:
+        return pd.DataFrame(columns=COLUMNS)
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(["phase", "step", "pair_id"], kind="stable").reset_index(drop=True)
+
+
+def _mean(values: pd.Series) -> float | None:
+    v = values.astype(float)
+    v = v[np.isfinite(v)]
+    return round(float(v.mean()), 6) if len(v) else None
+
+
+def summarize(frame: pd.DataFrame) -> dict:
+    """{phase: {step: {metric: mean, ..., "pairs", "failed"}}}. A metric's mean is over the
+    rows where it was computed: a pair whose output has no face still has a background SSIM.
+    Failed pairs are counted, and the choice scores them as failures."""
+    out: dict = {}
+    for (phase, step), group in frame.groupby(["phase", "step"], sort=True):
+        entry = {m: _mean(group[m]) for m in EVAL_METRICS}
+        entry.update(pairs=len(group), failed=int((group["status"] != "ok").sum()))
+        out.setdefault(str(phase), {})[str(int(step))] = entry
+    return out
+
+
+def score(entry: dict, params: Params) -> tuple[float, list[str]]:
+    """(weighted score, constraint violations) of one checkpoint's means. A failed pair counts
+    as the worst case: the score is scaled by the share of pairs that worked."""
+    objective = params.objective
+    total = 0.0
+    for metric, weight in objective.weights.items():
+        value = entry.get(metric)
+        if value is not None and math.isfinite(value):
+            total += weight * value
+    share = (entry["pairs"] - entry["failed"]) / entry["pairs"] if entry["pairs"] else 0.0
+    violations = []
+    for metric, bounds in objective.constraints.items():
+        value = entry.get(metric)
+        if value is None:
+            violations.append(f"{metric} unavailable")
+        elif bounds.min is not None and value < bounds.min:
+            violations.append(f"{metric} {value:.3f} < {bounds.min}")
+        elif bounds.max is not None and value > bounds.max:
+            violations.append(f"{metric} {value:.3f} > {bounds.max}")
+    return total * share, violations
+
+
+def choose(phase: str, summary: dict, params: Params, train_root: Path) -> dict:
+    """The best checkpoint of a phase: among those meeting every constraint the highest score;
+    if none meets them, the highest score anyway, and the choice says so."""
+    steps = summary.get(phase, {})
+    if not steps:
+        raise ValueError(f"no evaluation rows for phase {phase}: evaluate it first")
+    table = []
+    for step, entry in steps.items():
+        value, violations = score(entry, params)
+        table.append(
+            {
+                "step": int(step),
+                "score": round(value, 6),
+                "violations": violations,
+                **{m: entry.get(m) for m in EVAL_METRICS},
+                "failed": entry["failed"],
+            }
+        )
+    meeting = [
+        t for t in table if not t["violations"] and t["failed"] < steps[str(t["step"])]["pairs"]
+    ]
+    pool = meeting or table
+    best = max(pool, key=lambda t: (t["score"], -t["step"]))
+    if meeting:
+        reason = (
+            f"highest score ({best['score']:.4f}) among the {len(meeting)} of {len(table)} "
+            f"checkpoints that meet every constraint"
+        )
+    else:
+        reason = (
+            f"no checkpoint meets the constraints ({'; '.join(best['violations'])}): "
+            f"chose the highest score ({best['score']:.4f}) anyway"
+        )
+    lora = lora_file(train_root / phase, best["step"], params.eval.use_ema)
+    return {
+        "phase": phase,
+        "step": best["step"],
+        "lora": str(lora),
+        "weights": "ema" if params.eval.use_ema else "raw",
+        "score": best["score"],
+        "reason": reason,
+        "objective": params.objective.model_dump(mode="json"),
+        "checkpoints": sorted(table, key=lambda t: t["step"]),
+    }
+
+
+def plot_phase(phase: str, summary: dict, out: Path) -> None:
+    steps = summary.get(phase, {})
+    base = next(iter(summary.get(BASE, {}).values()), {})
+    metrics = list(EVAL_METRICS)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    xs = sorted(int(s) for s in steps)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        ys = [steps[str(x)].get(metric) for x in xs]
+        ys = [np.nan if y is None else y for y in ys]
+        if np.isfinite(ys).any():
+            ax.plot(xs, ys, marker="o", color="C0", label=phase)
+        else:
+            ax.text(0.5, 0.5, "unavailable", ha="center", va="center", transform=ax.transAxes)
+        if base.get(metric) is not None:
+            ax.axhline(base[metric], color="grey", linestyle="--", label="base model")
+        better = "higher" if EVAL_METRICS[metric] else "lower"
+        ax.set_title(f"{metric} ({better} is better)", fontsize=10)
+        ax.set_xlabel("step")
+    handles, _ = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"phase {phase}: validation metrics per checkpoint")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def contact_sheet(
+    phase: str, frame: pd.DataFrame, eval_root: Path, validation: Path, out: Path, tile: int = 128
+) -> None:
+    """One row per validation pair: source | target | base | each checkpoint's output."""
+    from facelora.datasets import read_manifest
+
+    rows = frame[frame["phase"] == phase]
+    base = frame[frame["phase"] == BASE]
+    steps = sorted(rows["step"].unique())
+    manifest = {m["pair_id"]: m for m in read_manifest(validation)}
+    labels = ["source", "target", "base", *[f"step {s}" for s in steps]]
+    pairs = sorted(manifest)
+    sheet = Image.new("RGB", (tile * len(labels), 18 + tile * len(pairs)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, label in enumerate(labels):
+        draw.text((c * tile + 4, 3), label, fill="black")
+
+    def paste(path: Path | None, r: int, c: int) -> None:
+        box = (c * tile, 18 + r * tile)
+        if path is not None and path.is_file():
+            with Image.open(path) as im:
+                sheet.paste(im.convert("RGB").resize((tile, tile)), box)
+        else:
+            draw.rectangle([box, (box[0] + tile - 1, box[1] + tile - 1)], outline="red")
+            draw.text((box[0] + 4, box[1] + tile // 2), "failed", fill="red")
+
+    def image_of(table: pd.DataFrame, phase_dir: str, pair_id: str, step) -> Path | None:
+        hit = table[(table["pair_id"] == pair_id) & (table["step"] == step)]
+        if hit.empty or not isinstance(hit.iloc[0]["image"], str):
+            return None
+        return eval_root / phase_dir / hit.iloc[0]["image"]
+
+    for r, pid in enumerate(pairs):
+        paste(validation / manifest[pid]["start"], r, 0)
+        paste(validation / manifest[pid]["end"], r, 1)
+        paste(image_of(base, BASE, pid, 0), r, 2)
+        for c, step in enumerate(steps, start=3):
+            paste(image_of(rows, phase, pid, step), r, c)
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+RUNS = "phases"  # results/eval/phases/<phase>: the jobs' outputs, apart from the reports
+
+
+def phase_tables(eval_root: Path, phase: str) -> list[Path]:
+    runs = eval_root / RUNS
+    return [runs / BASE / "metrics.csv", *sorted((runs / phase).glob("group-*/metrics.csv"))]
+
+
+def write_choice(phase: str, params: Params, eval_root: Path, train_root: Path) -> dict:
+    """The best checkpoint of one phase, from its own rows and the base rows only, so the
+    next phase can start from it before later phases are evaluated. For `base` (the model
+    alone) the record says so: what the first phase comes after."""
+    if phase == BASE:
+        if not (eval_root / RUNS / BASE / "metrics.csv").is_file():
+            raise ValueError("no evaluation rows for the base model: evaluate it first")
+        choice = {
+            "phase": BASE,
+            "step": 0,
+            "lora": None,
+            "weights": "none",
+            "score": None,
+            "reason": "the model without a LoRA: the reference row, and the first phase's start",
+        }
+        write_json(eval_root / RUNS / BASE / "best.json", choice)
+        return choice
+    choice = choose(phase, summarize(gather(phase_tables(eval_root, phase))), params, train_root)
+    write_json(eval_root / RUNS / phase / "best.json", choice)
+    return choice
+
+
+def write_report(params: Params, eval_root: Path, validation: Path) -> dict:
+    """All rows, per-checkpoint means (DVC metrics), a plot and a contact sheet per phase."""
+    runs = eval_root / RUNS
+    tables = [runs / BASE / "metrics.csv"]
+    for phase in params.phase_names:
+        tables += sorted((runs / phase).glob("group-*/metrics.csv"))
+    frame = gather(tables)
+    write_csv(eval_root / "metrics.csv", frame)
+    summary = summarize(frame)
+    backends = runs / BASE / "metrics_backends.json"
+    if backends.is_file():  # which model computed each metric, or why it could not
+        summary["metrics"] = json.loads(backends.read_text())
+    # each phase's chosen checkpoint with its means: what `dvc exp show` puts beside the params
+    chosen = {}
+    for phase in params.phase_names:
+        best = runs / phase / "best.json"
+        if best.is_file():
+            step = json.loads(best.read_text())["step"]
+            chosen[phase] = {"step": step, **summary.get(phase, {}).get(str(step), {})}
+    summary["chosen"] = chosen
+    write_json(eval_root / "summary.json", summary, sort_keys=False)
+    for phase in params.phase_names:
+        plot_phase(phase, summary, eval_root / "plots" / f"{phase}.png")
+        contact_sheet(
+            phase,
+            _with_group_paths(frame, runs, phase),
+            runs,
+            validation,
+            eval_root / "contact" / f"{phase}.png",
+        )
+    return summary
+
+
+def _with_group_paths(frame: pd.DataFrame, runs: Path, phase: str) -> pd.DataFrame:
+    """Image paths of a phase's rows relative to runs/phase (they live in group dirs)."""
+    out = frame.copy()
+    mask = out["phase"] == phase
+    for i in out.index[mask]:
+        image = out.at[i, "image"]
+        if isinstance(image, str):
+            found = list((runs / phase).glob(f"group-*/{image}"))
+            out.at[i, "image"] = str(found[0].relative_to(runs / phase)) if found else None
+    return out
