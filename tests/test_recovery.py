@@ -50,12 +50,12 @@ def recover(project: Path) -> str:
     return log
 
 
-def short_project(tmp_path: Path, sample_raw: Path, steps: int) -> Path:
+def short_project(tmp_path: Path, sample_raw: Path, steps: int, save_every: int = 4) -> Path:
     project = make_project(tmp_path / "project", sample_raw)
     settings = yaml.safe_load((project / "params.yaml").read_text())
     settings["phases"] = settings["phases"][:1]
     settings["phases"][0]["steps"] = steps
-    settings["train"]["save_every"] = 4
+    settings["train"]["save_every"] = save_every
     (project / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     return project
 
@@ -73,7 +73,8 @@ def test_sigkill_during_the_data_steps_recovers_with_one_command(tmp_path, sampl
 
 
 def test_sigkill_during_training_recovers_with_one_command(tmp_path, sample_raw):
-    project = short_project(tmp_path, sample_raw, steps=400)  # long enough to be killed mid-way
+    # long enough to be killed mid-way; few checkpoints to evaluate afterwards
+    project = short_project(tmp_path, sample_raw, steps=400, save_every=100)
     checkpoints = project / "results" / "train" / "broad" / "checkpoints"
     first = facelora_snakemake(project)
     kill_when(first, lambda: checkpoints.is_dir() and any(checkpoints.glob("step-*")))
