@@ -9,6 +9,7 @@ status `failed` and the reason, scored as failures by the choice.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -139,13 +140,11 @@ class Evaluator:
         e = self.params.eval
         weights = "none" if lora is None else ("ema" if e.use_ema else "raw")
         shown = None if lora is None else str(lora)
+        row = functools.partial(self._row, phase, step, weights, shown)  # this checkpoint's rows
         if lora is not None:
             why = _check_lora(lora, self.pipe.transformer)
             if why is not None:
-                return [
-                    self._row(phase, step, weights, shown, p, status="failed", note=why)
-                    for p in pairs
-                ]
+                return [row(p, status="failed", note=why) for p in pairs]
             apply_lora(self.pipe, lora, scale=e.lora_scale)
         else:
             remove_lora(self.pipe)
@@ -170,11 +169,7 @@ class Evaluator:
             array = np.asarray(array, dtype=np.float32).reshape(height, width, -1)
             if not np.isfinite(array).all():
                 rows.append(
-                    self._row(
-                        phase,
-                        step,
-                        weights,
-                        shown,
+                    row(
                         pair,
                         status="failed",
                         note="the generated image has NaN/inf values",
@@ -190,11 +185,7 @@ class Evaluator:
             failures, notes = scores.pop("failures", None), scores.pop("notes", None)
             note = "; ".join(n for n in (failures, notes) if n) or None
             rows.append(
-                self._row(
-                    phase,
-                    step,
-                    weights,
-                    shown,
+                row(
                     pair,
                     image=name,
                     status="failed" if failures else "ok",
