@@ -117,14 +117,22 @@ def child_setup(job: dict) -> dict:
     import transformers
     from PIL import Image
 
+    from facelora.models.real_configs import REAL_CONFIGS, real_width_transformer
     from facelora.models.tiny import make_tiny_model
 
     root = Path(job["root"])
-    built = {}
-    for family in job["families"]:
+    built, blocks, full_units = {}, {}, {}
+    for spec in job["models"]:
+        family = spec["family"]
+        args = real_width_transformer(family, spec["blocks"]) if spec.get("blocks") else None
         t0 = time.perf_counter()
-        make_tiny_model(family, root / "models" / family)
-        built[family] = round(time.perf_counter() - t0, 2)
+        model = make_tiny_model(family, root / "models" / spec["name"], transformer_args=args)
+        built[spec["name"]] = round(time.perf_counter() - t0, 2)
+        config = json.loads((model / "transformer" / "config.json").read_text())
+        depth_keys = ("num_layers", "num_single_layers")
+        blocks[spec["name"]] = [config[k] for k in depth_keys if k in config]
+        # the released depth in --blocks units (Klein: double blocks, 3 single ones each)
+        full_units[family] = REAL_CONFIGS[family]["num_layers"]
 
     data, size = root / "data", job["resolution"]
     data.mkdir(parents=True)
@@ -179,6 +187,8 @@ def child_setup(job: dict) -> dict:
         pq.write_table(table, root / "dataset" / "train.parquet")
     return {
         "build_seconds": built,
+        "blocks": blocks,
+        "full_units": full_units,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -209,6 +219,7 @@ def child_facelora(job: dict) -> dict:
                 "path": job["model"],
                 "device": job["device"],
                 "dtype": job["dtype"],
+                "quantize": job.get("quantize", "none"),
             },
             "lora": {"rank": job["rank"], "preset": PRESETS[family]},
             "train": {
@@ -216,6 +227,7 @@ def child_facelora(job: dict) -> dict:
                 "batch_size": 1,
                 "save_every": 10**9,  # one checkpoint, after the last step
                 "cache": cached,
+                "gradient_checkpointing": job.get("gradient_checkpointing", False),
             },
             "phases": [{"name": "bench", "steps": job["warmup"] + job["steps"]}],
         }
@@ -458,6 +470,33 @@ def print_table(results: dict[tuple[str, str], dict | None], cuda: bool) -> None
         print(line)
 
 
+def print_extrapolation(models, results, full_units: dict, mode: str) -> None:
+    """Per-block cost from the shallowest and deepest runs, carried to the released depth."""
+    print()
+    print(f"extrapolated to the released depth (facelora {mode}; a line through two depths):")
+    for family, full in full_units.items():
+        points = [
+            (m["blocks"], results.get((m["name"], f"facelora {mode}")))
+            for m in models
+            if m["family"] == family
+        ]
+        points = [(b, s) for b, s in points if s is not None]
+        if len(points) < 2:
+            print(f"  {family}: needs two depths that ran (--blocks A,B)")
+            continue
+        (b1, s1), (b2, s2) = points[0], points[-1]
+        unit = "block" if family == "qwen_image_edit" else "double + 3 single blocks"
+        for key, label, spec in (("median", "s/step", ".3f"), ("cuda_mb", "CUDA MB", ".0f")):
+            if s1[key] is None or s2[key] is None:
+                continue
+            per = (s2[key] - s1[key]) / (b2 - b1)
+            at_full = s2[key] + per * (full - b2)
+            print(
+                f"  {family}: {label} {format(per, spec)} per {unit}; at the released "
+                f"depth ({full}): {format(at_full, spec)}"
+            )
+
+
 def ratio(a: dict | None, b: dict | None, key: str) -> str:
     if a is None or b is None:
         return "-"
@@ -472,7 +511,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=64, choices=[64, 128])
+    parser.add_argument(
+        "--resolution", type=int, default=64, help="pixels per side, a multiple of 16"
+    )
+    parser.add_argument(
+        "--width",
+        choices=["tiny", "real"],
+        default="tiny",
+        help="tiny: the test models; real: the released block width and heads, --blocks deep",
+    )
+    parser.add_argument(
+        "--blocks",
+        default="2,4",
+        help="with --width real: comma-separated depths (Klein: double blocks, each with 3 "
+        "single ones); two or more give a per-block line extrapolated to the full model",
+    )
+    parser.add_argument(
+        "--modes", default="cached,uncached", help="comma-separated: cached, uncached"
+    )
+    parser.add_argument(
+        "--quantize", choices=["none", "fp8", "int8", "nf4"], default="none", help="model.quantize"
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train.gradient_checkpointing (default: on for --width real, off for tiny)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration")
@@ -500,6 +565,22 @@ def main() -> None:
         parser.error("--steps, --pairs and --repeat must be >= 1, --warmup >= 0")
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.resolution < 64 or args.resolution % 16:
+        parser.error("--resolution must be a multiple of 16, at least 64")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"cached", "uncached"}:
+        parser.error("--modes takes cached and/or uncached")
+    try:
+        depths = sorted({int(b) for b in args.blocks.split(",")})
+    except ValueError:
+        parser.error("--blocks takes comma-separated integers")
+    if args.width == "real" and (not depths or depths[0] < 1):
+        parser.error("--blocks must be >= 1")
+    if args.width == "real" and args.diffusers_script is not None:
+        parser.error("--diffusers-script compares on the tiny models: leave out --width real")
+    checkpointing = (
+        args.width == "real" if args.gradient_checkpointing is None else args.gradient_checkpointing
+    )
     if args.diffusers_script is not None and not args.diffusers_script.is_file():
         parser.error(f"--diffusers-script {args.diffusers_script}: no such file")
     families = list(FAMILIES) if args.family == "all" else [args.family]
@@ -508,9 +589,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = args.keep.resolve() if args.keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
+        if args.width == "real":
+            models = [
+                {"name": f"{f}-{b}", "family": f, "blocks": b} for f in families for b in depths
+            ]
+        else:
+            models = [{"name": f, "family": f} for f in families]
         job = {
             "root": str(root / "setup"),
-            "families": families,
+            "models": models,
             "pairs": args.pairs,
             "resolution": args.resolution,
             "parquet": diffusers,
@@ -524,7 +611,12 @@ def main() -> None:
             print("--device cuda: torch sees no CUDA device here")
             sys.exit(1)
         v = setup["versions"]
-        print("facelora training-loop benchmark (tiny random models; figures only)")
+        kind = (
+            "random models of the released block width, fewer blocks"
+            if args.width == "real"
+            else "tiny random models"
+        )
+        print(f"facelora training-loop benchmark ({kind}; figures only)")
         print(
             f"  python {v['python']}, torch {v['torch']}, diffusers {v['diffusers']}, "
             f"transformers {v['transformers']}, peft {v['peft']}"
@@ -539,20 +631,24 @@ def main() -> None:
             f"{args.rank}; {args.warmup} warm-up + {args.steps} timed steps per run, "
             f"{args.repeat} run(s) per row"
         )
+        print(f"  model.quantize {args.quantize}, gradient checkpointing {checkpointing}")
         print(f"  load average at start (1, 5, 15 min): {_load()}")
         built = ", ".join(f"{f} {s:.1f} s" for f, s in setup["build_seconds"].items())
+        for name, blocks in setup["blocks"].items():
+            print(f"  {name}: transformer blocks {' + '.join(map(str, blocks))}")
         print(f"  setup (tiny models: {built}; data): {time.perf_counter() - t0:.1f} s")
         print()
 
         results: dict[tuple[str, str], dict | None] = {}
         targets: list[str] | None = None
-        for family in families:
-            model = str(root / "setup" / "models" / family)
-            for mode in ("cached", "uncached"):
+        for spec in models:
+            family, name = spec["family"], spec["name"]
+            model = str(root / "setup" / "models" / name)
+            for mode in modes:
                 runs = []
                 for r in range(args.repeat):
                     job = {
-                        "root": str(root / f"{family}-{mode}-{r}"),
+                        "root": str(root / f"{name}-{mode}-{r}"),
                         "family": family,
                         "mode": mode,
                         "model": model,
@@ -564,16 +660,18 @@ def main() -> None:
                         "steps": args.steps,
                         "warmup": args.warmup,
                         "threads": args.threads,
+                        "quantize": args.quantize,
+                        "gradient_checkpointing": checkpointing,
                     }
                     out = run_child("facelora", job, Path(job["root"]), args.threads)
                     if "error" in out:
-                        print(f"{family} {mode} run {r} failed: {out['error']}")
+                        print(f"{name} {mode} run {r} failed: {out['error']}")
                         print(*out["log_tail"], sep="\n  ")
                     elif targets is None and family == "flux2_klein":
                         targets = out["targets"]
                     runs.append(out)
-                results[(family, f"facelora {mode}")] = summarise(runs)
-                print(f"  done: {family} facelora {mode}", flush=True)
+                results[(name, f"facelora {mode}")] = summarise(runs)
+                print(f"  done: {name} facelora {mode}", flush=True)
             if family == "flux2_klein" and diffusers:
                 if targets is None:
                     print("  diffusers script skipped: no facelora Klein run gave the targets")
@@ -615,7 +713,8 @@ def main() -> None:
         print_table(results, args.device == "cuda")
         print()
         print("cached / uncached speed-up (uncached s/step / cached s/step):")
-        for family in families:
+        for spec in models:
+            family = spec["name"]
             cached = results.get((family, "facelora cached"))
             uncached = results.get((family, "facelora uncached"))
             print(
@@ -643,6 +742,8 @@ def main() -> None:
                 f"  no latent cache: median {ratio(du, fu, 'median')}, "
                 f"mean {ratio(du, fu, 'mean')} (diffusers still encodes captions once)"
             )
+        if args.width == "real":
+            print_extrapolation(models, results, setup["full_units"], modes[0])
         print()
         print("notes:")
         for (family, label), s in results.items():

@@ -17,6 +17,15 @@ SHARED_FACES = Path(os.environ.get("FACELORA_SHARED_FACES", ROOT.parent / "share
 
 
 @pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Both tiny edit models (seed 0), built once for the session: treat them as read-only."""
+    from facelora.models.tiny import FAMILIES, make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: make_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
 def shared_faces() -> Path:
     if not (SHARED_FACES / "same_person").is_dir():
         pytest.skip(f"real photos not found at {SHARED_FACES} (set FACELORA_SHARED_FACES)")

@@ -99,23 +99,15 @@ def test_sample_data_refuses_a_non_empty_folder(tmp_path):
 def test_plan_prints_the_lora_size_from_a_config(tmp_path):
     import json
 
-    config = {
-        "_class_name": "QwenImageTransformer2DModel",
-        "patch_size": 2,
-        "in_channels": 64,
-        "out_channels": 16,
-        "num_layers": 60,
-        "attention_head_dim": 128,
-        "num_attention_heads": 24,
-        "joint_attention_dim": 3584,
-        "guidance_embeds": False,
-        "axes_dims_rope": [16, 56, 56],
-        "zero_cond_t": True,
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    from facelora.models.real_configs import QWEN_IMAGE_CONFIG
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN_IMAGE_CONFIG))
     out = facelora("plan", "config.json", "--ranks", "64", "--presets", "full", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if line.startswith("qwen_image_edit"))
-    assert "849.6" in row and " 64 " in row
+    assert "849.6" in row and " 64 " in row and " 38.1 " in row  # frozen bf16 GiB
+    fp8 = facelora("plan", "config.json", "--ranks", "64", "--quantize", "fp8", cwd=tmp_path)
+    row = next(line for line in fp8.stdout.splitlines() if line.startswith("qwen_image_edit  full"))
+    assert " 19.1 fp8 " in row  # the blocks' Linear weights at one byte each
     bad = facelora("plan", "config.json", "--ranks", "x", cwd=tmp_path)
     assert bad.returncode == 2 and "--ranks" in bad.stderr

@@ -21,6 +21,7 @@ from facelora.models.plan import (
     plan,
     safetensors_header_bytes,
 )
+from facelora.models.real_configs import KLEIN_9B_CONFIG, QWEN_IMAGE_CONFIG
 
 # Tiny configs: 2 double blocks (+ 3 single blocks for Flux2, a different count so that a mix-up
 # of the two stacks shows), width 2 heads x 16 = 32. Qwen's rope axes must sum to the head dim.
@@ -44,52 +45,6 @@ FLUX2_TINY = {
     "joint_attention_dim": 16,
     "timestep_guidance_channels": 16,
     "axes_dims_rope": [4, 4, 4, 4],
-    "guidance_embeds": False,
-}
-
-# Qwen-Image(-Edit-2511) transformer: every QwenImageTransformer2DModel.__init__ argument of
-# diffusers 0.42.1 with its default, which are the released model's values (60 layers,
-# 24 heads x 128 = 3072, joint_attention_dim 3584 = Qwen2.5-VL-7B hidden, in 64, out 16,
-# patch 2, rope axes 16/56/56); zero_cond_t is true in Qwen-Image-Edit-2511's config.
-QWEN_IMAGE_CONFIG = {
-    "_class_name": "QwenImageTransformer2DModel",
-    "patch_size": 2,
-    "in_channels": 64,
-    "out_channels": 16,
-    "num_layers": 60,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 3584,
-    "guidance_embeds": False,
-    "axes_dims_rope": [16, 56, 56],
-    "zero_cond_t": True,
-    "use_additional_t_cond": False,
-    "use_layer3d_rope": False,
-}
-
-# FLUX.2 [klein] 9B (and klein-base-9B, same architecture) transformer. Not read from the hub
-# (no network): hidden 4096 = 32 heads x 128, 8 double + 24 single blocks, context 12288,
-# in_channels 128, rope 4 x 32, theta 2000, mlp_ratio 3, no guidance embedding come from BFL's
-# reference `Klein9BParams` (hidden_size, num_heads, depth, depth_single_blocks, context_in_dim,
-# use_guidance_embed=False) as reproduced in several public trainers, and agree with a diffusers
-# config for FLUX.2-klein embedded in a public repo. 12288 = 3 stacked Qwen3-8B hidden states
-# (4096; Flux2KleinPipeline stacks layers 9, 18, 27). The rest are Flux2Transformer2DModel
-# defaults (patch_size 1, timestep_guidance_channels 256, eps 1e-6).
-KLEIN_9B_CONFIG = {
-    "_class_name": "Flux2Transformer2DModel",
-    "patch_size": 1,
-    "in_channels": 128,
-    "out_channels": None,
-    "num_layers": 8,
-    "num_single_layers": 24,
-    "attention_head_dim": 128,
-    "num_attention_heads": 32,
-    "joint_attention_dim": 12288,
-    "timestep_guidance_channels": 256,
-    "mlp_ratio": 3.0,
-    "axes_dims_rope": [32, 32, 32, 32],
-    "rope_theta": 2000,
-    "eps": 1e-6,
     "guidance_embeds": False,
 }
 

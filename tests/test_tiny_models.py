@@ -294,3 +294,34 @@ def test_output_folder_rules(tmp_path):
     assert not (out / "processor").exists()
     assert tiny.read_marker(out)["family"] == "flux2_klein"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_width_stand_in_has_the_released_blocks(family):
+    """The benchmark's stand-in: blocks parameter-for-parameter as in the released model."""
+    from facelora.models.plan import meta_model
+    from facelora.models.real_configs import REAL_CONFIGS, full_depth, real_width_transformer
+
+    args = real_width_transformer(family, 2)
+    config = {**REAL_CONFIGS[family], **args, "joint_attention_dim": 48}
+    stand_in, released = meta_model(config, family), meta_model(REAL_CONFIGS[family], family)
+    for stack in ("transformer_blocks", "single_transformer_blocks"):
+        if not hasattr(released, stack):
+            continue
+        ours, theirs = getattr(stand_in, stack), getattr(released, stack)
+        assert 0 < len(ours) < len(theirs)
+        assert {n: p.shape for n, p in ours[0].named_parameters()} == {
+            n: p.shape for n, p in theirs[0].named_parameters()
+        }
+    assert full_depth(family) == len(released.transformer_blocks) + len(
+        getattr(released, "single_transformer_blocks", [])
+    )
+    with pytest.raises(ValueError, match="blocks must be"):
+        real_width_transformer(family, 0)
+
+
+def test_transformer_args_change_only_the_transformer(tmp_path):
+    out = make_tiny_model("qwen_image_edit", tmp_path / "q", transformer_args={"num_layers": 1})
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert config["num_layers"] == 1 and config["zero_cond_t"] is True
+    assert json.loads((out / MARKER).read_text())["transformer_args"] == {"num_layers": 1}

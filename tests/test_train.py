@@ -15,7 +15,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from facelora.config import validate_params
-from facelora.models.tiny import make_tiny_model
 from facelora.train import lora_io
 from facelora.train.checkpoint import list_checkpoints
 from facelora.train.families import ModelRefused, check_model_folder, load_adapter
@@ -25,12 +24,6 @@ from facelora.train.sampling import noisy_latents, sample_sigmas
 
 FAMILIES = ["qwen_image_edit", "flux2_klein"]
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {f: make_tiny_model(f, root / f) for f in FAMILIES}
 
 
 def write_pairs(folder: Path, n: int = 4, size: int = 64, seed: int = 0) -> Path:
@@ -406,9 +399,11 @@ def test_every_optimizer_trains(tmp_path, tiny_models, optimizer, lr):
         )
 
 
-def test_two_processes_stay_in_sync(tmp_path, tiny_models):
+@pytest.mark.parametrize("quantize", ["none", "fp8"])
+def test_two_processes_stay_in_sync(tmp_path, tiny_models, quantize):
     """Data-parallel training on the CPU (torchrun, gloo): both processes end with the same
-    LoRA, having trained on different batches."""
+    LoRA, having trained on different batches (also over a float8 base, which DDP must not
+    try to broadcast)."""
     data = write_pairs(tmp_path / "data", n=4)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(
@@ -416,7 +411,11 @@ def test_two_processes_stay_in_sync(tmp_path, tiny_models):
             {
                 "seed": 2,
                 "lr": 1e-3,
-                "model": {"family": "flux2_klein", "path": str(tiny_models["flux2_klein"])},
+                "model": {
+                    "family": "flux2_klein",
+                    "path": str(tiny_models["flux2_klein"]),
+                    "quantize": quantize,
+                },
                 "lora": {"rank": 4, "preset": "all_blocks"},
                 "train": {"resolution": 64, "save_every": 3},
                 "phases": [{"name": "one", "steps": 6}],

@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", help="comma-separated block indices (flux2_klein preset blocks)")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument(
+        "--quantize",
+        choices=["none", "fp8", "int8", "nf4"],
+        default="none",
+        help="the frozen blocks' weights as model.quantize stores them (default: bf16)",
+    )
+    p.add_argument(
         "--dtype-bytes",
         type=int,
         default=2,
@@ -530,6 +536,7 @@ def cmd_plan(args, params) -> int:
             args.dtype_bytes,
             blocks=_ints(args.blocks, "--blocks"),
             resolution=args.resolution,
+            quantize=args.quantize,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

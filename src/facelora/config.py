@@ -351,8 +351,9 @@ class ModelParams(Section):
     path: str = "results/models/tiny-qwen_image_edit"
     dtype: Literal["bfloat16", "float16", "float32"] = "float32"  # bfloat16 on GPUs
     device: str = "auto"  # auto: cuda when available, else cpu
-    # the frozen transformer quantized with bitsandbytes (CUDA only): less memory, LoRA in fp32
-    quantize: Literal["none", "nf4", "int8"] = "none"
+    # the frozen transformer's block weights in less memory (the LoRA stays fp32): nf4 | int8
+    # with bitsandbytes (CUDA only); fp8: float8 storage, computed in `dtype` (any device)
+    quantize: Literal["none", "nf4", "int8", "fp8"] = "none"
 
 
 # The recipe's LoRA per family: Qwen full preset, rank 64, alpha 2 x rank; Klein double-stream
@@ -416,11 +417,23 @@ class TrainParams(Section):
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None  # e.g. 0.999
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    # with several processes: ddp (each holds the whole model) | fsdp (the model sharded
+    # over them: 1/N of the frozen weights each; adamw only, model.quantize none or fp8)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     save_every: PositiveInt = 250
     cache: bool = True  # VAE latents and text embeddings on disk, reused across phases
     diptych: bool = False  # train on [before | after] side by side, no control image
     diptych_prefix: str = "a diptych, the same person before (left) and after (right) the edit:"
     regularization: RegularizationParams = RegularizationParams()
+
+    @model_validator(mode="after")
+    def _fsdp_optimizer(self) -> TrainParams:
+        if self.distributed == "fsdp" and self.optimizer != "adamw":
+            raise ValueError(
+                f"train.distributed: fsdp shards the LoRA's optimizer state, which "
+                f"{self.optimizer} does not support: use optimizer: adamw, or distributed: ddp"
+            )
+        return self
 
     @field_validator("min_snr_gamma")
     @classmethod
@@ -553,6 +566,15 @@ class Params(Section):
     @model_validator(mode="after")
     def _lora_for_family(self) -> Params:
         self.lora = self.lora.for_family(self.model.family)
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_quantize(self) -> Params:
+        if self.train.distributed == "fsdp" and self.model.quantize in ("nf4", "int8"):
+            raise ValueError(
+                f"train.distributed: fsdp cannot shard bitsandbytes' {self.model.quantize} "
+                f"weights: use model.quantize: fp8 (or none), or distributed: ddp"
+            )
         return self
 
     @model_validator(mode="after")

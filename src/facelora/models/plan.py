@@ -28,6 +28,12 @@ ADAMW_TRAIN_BYTES = 16  # per trainable fp32 parameter: weight 4 + grad 4 + Adam
 BLOCK_ACTIVATION_BYTES = 34  # per token per hidden unit for one recomputed block (see plan())
 OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS workspaces, allocator fragmentation
 SAFETENSORS_DTYPES = {1: "F8_E4M3", 2: "BF16", 4: "F32", 8: "F64"}
+# Bytes per weight of the transformer blocks' Linears by model.quantize, and per output row
+# (scales): bf16; float8 + an fp32 scale per row (facelora.train.fp8); LLM.int8 + an fp32
+# absmax per row; nf4 at 4 bits + an absmax per 64 weights (bitsandbytes' default blocks).
+QUANTIZED_WEIGHT_BYTES = {"none": 2.0, "fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}
+QUANTIZED_ROW_BYTES = {"none": 0, "fp8": 4, "int8": 4, "nf4": 0}
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 
 
 def load_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
@@ -104,8 +110,22 @@ def adapter_metadata_allowance(names: Sequence[str]) -> int:
     return 2048 + sum(len(n) + 11 for n in names)
 
 
+def frozen_weight_bytes(model: nn.Module, quantize: str = "none") -> float:
+    """Bytes of the frozen transformer: bf16, except the blocks' Linear weights, stored as
+    model.quantize stores them (biases, norms and embeddings stay bf16)."""
+    if quantize not in QUANTIZED_WEIGHT_BYTES:
+        raise ValueError(f"quantize {quantize!r}: use one of {sorted(QUANTIZED_WEIGHT_BYTES)}")
+    total = 2.0 * sum(p.numel() for p in model.parameters())
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name.startswith(BLOCK_PREFIXES):
+            n = module.weight.numel()
+            total += (QUANTIZED_WEIGHT_BYTES[quantize] - 2.0) * n
+            total += QUANTIZED_ROW_BYTES[quantize] * module.out_features
+    return total
+
+
 def estimate_train_bytes(
-    base_params: int,
+    weight_bytes: float,
     lora_params: int,
     hidden: int,
     num_blocks: int,
@@ -113,7 +133,7 @@ def estimate_train_bytes(
     batch_size: int = 1,
 ) -> dict[str, float]:
     """The memory estimate of plan(), in bytes, by part (see plan() for the formula)."""
-    weights = 2 * base_params
+    weights = weight_bytes
     lora = ADAMW_TRAIN_BYTES * lora_params
     act = batch_size * tokens * hidden * (2 * num_blocks + BLOCK_ACTIVATION_BYTES)
     overhead = OVERHEAD_GIB * GIB
@@ -145,6 +165,7 @@ def plan(
     batch_size: int = 1,
     text_tokens: int = 512,
     reference_images: int = 1,
+    quantize: str = "none",
 ) -> list[dict[str, Any]]:
     """One row per preset x rank: LoRA size and an ESTIMATE of training memory.
 
@@ -166,7 +187,9 @@ def plan(
     (resolution / 16)^2, i.e. 4608 + 512 = 8704 tokens for an edit pair at 1024x1024; hidden D;
     L blocks)::
 
-        2 x base_params                 frozen bf16 transformer weights
+        2 x base_params                 frozen bf16 transformer weights (`quantize`: the
+                                        blocks' Linear weights as model.quantize stores them,
+                                        frozen_weight_bytes)
       + 16 x lora_params                fp32 LoRA weights 4 + grads 4 + AdamW moments 8
       + b x S x D x 2 x L               gradient checkpointing: each block's bf16 input kept
       + b x S x D x 34                  one block recomputed in backward: ~34 bytes per token
@@ -174,8 +197,9 @@ def plan(
                                         activations; SDPA/flash attention stores no S x S scores)
       + 1 GiB                           CUDA context, workspaces, fragmentation
 
-    Not included: EMA copies, 8-bit optimisers or quantised base weights (all smaller or
-    extra), the LoRA's own rank-sized activations (negligible), and peaks from other processes.
+    Not included: EMA copies, 8-bit optimisers (smaller or extra), quantisation's
+    dequantised copy of the one layer being computed, the LoRA's own rank-sized activations
+    (negligible), and peaks from other processes.
     """
     check_family(family)
     cfg = load_config(config)
@@ -185,6 +209,7 @@ def plan(
             p for p, spec in PRESETS[family].items() if blocks is not None or not spec.needs_blocks
         ]
     base_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = frozen_weight_bytes(model, quantize)
     mc = model.config
     hidden = int(mc["num_attention_heads"]) * int(mc["attention_head_dim"])
     num_blocks = int(mc["num_layers"]) + int(mc.get("num_single_layers", 0) or 0)
@@ -203,7 +228,7 @@ def plan(
             header = safetensors_header_bytes(
                 shapes, rank, dtype_bytes, metadata={"format": "pt"}
             ) + adapter_metadata_allowance(names)
-            mem = estimate_train_bytes(base_params, params, hidden, num_blocks, tokens, batch_size)
+            mem = estimate_train_bytes(weight_bytes, params, hidden, num_blocks, tokens, batch_size)
             rows.append(
                 {
                     "family": family,
@@ -213,6 +238,7 @@ def plan(
                     "lora_params": params,
                     "lora_mb": (params * dtype_bytes + header) / MB,
                     "base_params": base_params,
+                    "quantize": quantize,
                     "weights_gib": mem["weights"] / GIB,
                     "lora_train_gib": mem["lora"] / GIB,
                     "activations_gib": mem["activations"] / GIB,
@@ -232,6 +258,7 @@ def format_plan(rows: Sequence[Mapping[str, Any]]) -> str:
         "LoRA params",
         "LoRA MB",
         "base params",
+        "frozen GiB",
         "train GiB (est.)",
     )
     body = [
@@ -243,12 +270,13 @@ def format_plan(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{r['lora_params'] / 1e6:,.1f}M",
             f"{r['lora_mb']:,.1f}",
             f"{r['base_params'] / 1e9:.2f}B",
+            f"{r['weights_gib']:.1f}" + ("" if r["quantize"] == "none" else f" {r['quantize']}"),
             f"{r['train_gib']:.1f}",
         )
         for r in rows
     ]
     widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
-    right = {2, 3, 4, 5, 6, 7}
+    right = {2, 3, 4, 5, 6, 7, 8}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(

@@ -261,7 +261,7 @@ def _seed_everything(seed: int, component: str) -> None:
 QWEN_TEXT_HIDDEN = 32
 
 
-def _qwen_image_edit(seed: int) -> Any:
+def _qwen_image_edit(seed: int, transformer_args: dict | None = None) -> Any:
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -343,18 +343,19 @@ def _qwen_image_edit(seed: int) -> Any:
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
 
     _seed_everything(seed, "transformer")
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=64,  # 16 latent channels, 2x2-packed
-        out_channels=16,
-        num_layers=4,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=QWEN_TEXT_HIDDEN,
-        guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),  # sums to the head dim (real: 16, 56, 56)
-        zero_cond_t=True,
-    ).eval()
+    args = {
+        "patch_size": 2,
+        "in_channels": 64,  # 16 latent channels, 2x2-packed
+        "out_channels": 16,
+        "num_layers": 4,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": QWEN_TEXT_HIDDEN,
+        "guidance_embeds": False,
+        "axes_dims_rope": (4, 6, 6),  # sums to the head dim (real: 16, 56, 56)
+        "zero_cond_t": True,
+    }
+    transformer = QwenImageTransformer2DModel(**{**args, **(transformer_args or {})}).eval()
 
     _seed_everything(seed, "vae")
     # Real latents_mean/latents_std (the class defaults) and 8x downsampling, narrow channels.
@@ -385,7 +386,7 @@ KLEIN_TEXT_LAYERS = 36  # like Qwen3-4B/8B, so the default out layers (9, 18, 27
 KLEIN_OUT_LAYERS = (9, 18, 27)
 
 
-def _flux2_klein(seed: int) -> Any:
+def _flux2_klein(seed: int, transformer_args: dict | None = None) -> Any:
     import torch
     from diffusers import (
         AutoencoderKLFlux2,
@@ -422,22 +423,23 @@ def _flux2_klein(seed: int) -> Any:
     text_encoder = Qwen3ForCausalLM(config).eval()
 
     _seed_everything(seed, "transformer")
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=128,  # 32 latent channels, 2x2-patchified
-        out_channels=None,
-        num_layers=2,
-        num_single_layers=4,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=len(KLEIN_OUT_LAYERS) * KLEIN_TEXT_HIDDEN,
-        timestep_guidance_channels=256,
-        mlp_ratio=3.0,
-        axes_dims_rope=(4, 4, 4, 4),  # sums to the head dim (real: 32 x 4)
-        rope_theta=2000,
-        eps=1e-6,
-        guidance_embeds=False,
-    ).eval()
+    args = {
+        "patch_size": 1,
+        "in_channels": 128,  # 32 latent channels, 2x2-patchified
+        "out_channels": None,
+        "num_layers": 2,
+        "num_single_layers": 4,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": len(KLEIN_OUT_LAYERS) * KLEIN_TEXT_HIDDEN,
+        "timestep_guidance_channels": 256,
+        "mlp_ratio": 3.0,
+        "axes_dims_rope": (4, 4, 4, 4),  # sums to the head dim (real: 32 x 4)
+        "rope_theta": 2000,
+        "eps": 1e-6,
+        "guidance_embeds": False,
+    }
+    transformer = Flux2Transformer2DModel(**{**args, **(transformer_args or {})}).eval()
 
     _seed_everything(seed, "vae")
     vae = AutoencoderKLFlux2(
@@ -474,11 +476,17 @@ def _is_empty_or_tiny(path: Path) -> bool:
     return not any(path.iterdir()) or (path / MARKER).is_file()
 
 
-def make_tiny_model(family: str, out: str | Path, seed: int = 0) -> Path:
+def make_tiny_model(
+    family: str, out: str | Path, seed: int = 0, transformer_args: dict | None = None
+) -> Path:
     """Build a tiny random `family` pipeline and save it into `out` (the real repo layout).
 
     `out` must be missing, empty, or an earlier tiny build (which is replaced). The folder is
     written beside `out` first and renamed into place, so a killed build leaves nothing behind.
+    `transformer_args` overrides the transformer's constructor arguments (e.g. the real block
+    width from facelora.models.real_configs, for benchmarks); the text encoder stays tiny, so
+    `joint_attention_dim` must stay as built. A transformer of a billion or more parameters
+    is saved in bf16 (as the released models are), others in fp32.
     """
     if family not in _BUILDERS:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
@@ -492,9 +500,11 @@ def make_tiny_model(family: str, out: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         state = np.random.get_state()
         try:
-            pipe = _BUILDERS[family](int(seed))
+            pipe = _BUILDERS[family](int(seed), transformer_args)
         finally:
             np.random.set_state(state)
+    if sum(p.numel() for p in pipe.transformer.parameters()) >= 10**9:
+        pipe.transformer.to(torch.bfloat16)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -509,6 +519,8 @@ def make_tiny_model(family: str, out: str | Path, seed: int = 0) -> Path:
             "note": "facelora tiny test model: random weights, NOT a real model",
             "pipeline": type(pipe).__name__,
         }
+        if transformer_args:
+            marker["transformer_args"] = transformer_args
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         if out.exists():
             shutil.rmtree(out)

@@ -90,14 +90,19 @@ class FamilyAdapter:
         self.dtype = _dtype(dtype)
         cls = getattr(diffusers, self.pipeline_class_name)
         extra = {}
-        if quantize != "none":
+        bitsandbytes = quantize in ("nf4", "int8")
+        if bitsandbytes:
             extra["transformer"] = self._quantized_transformer(quantize)
         self.pipe = cls.from_pretrained(self.path, dtype=self.dtype, local_files_only=True, **extra)
         self.pipe.set_progress_bar_config(disable=True)
+        if quantize == "fp8":
+            from facelora.train.fp8 import store_blocks_in_fp8
+
+            store_blocks_in_fp8(self.pipe.transformer, device, self.dtype)
         for name in ("transformer", "vae", "text_encoder"):
             module = getattr(self.pipe, name)
             module.requires_grad_(False)
-            if not (name == "transformer" and quantize != "none"):  # placed when quantized
+            if not (name == "transformer" and bitsandbytes):  # bitsandbytes placed it
                 module.to(device)
         self.transformer = self.pipe.transformer
         from facelora.models.tiny import read_marker

@@ -1,7 +1,7 @@
 """How `facelora train --processes N [--nodes M]` starts its processes.
 
-* one node, GPUs: `accelerate launch --multi_gpu --num_processes N` (DDP; FSDP from an
-  accelerate config file given by ACCELERATE_CONFIG_FILE);
+* one node, GPUs: `accelerate launch --multi_gpu --num_processes N` (the Trainer then wraps
+  the model for DDP, or shards it with FSDP2 for train.distributed: fsdp);
 * one node, no GPU: `torchrun --standalone --nproc_per_node N` with gloo (what the tests run);
 * several nodes (a Slurm job with --nodes M): the batch script's process runs
   `srun --nodes M --ntasks-per-node 1` of this same command; on each node that task starts

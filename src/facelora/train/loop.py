@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from facelora.atomic import write_json
 from facelora.config import Params
 from facelora.progress import progress
-from facelora.train import checkpoint, lora_io
+from facelora.train import checkpoint, fsdp, lora_io
 from facelora.train.data import EncodingCache, Sample, read_phase, read_regularization
 from facelora.train.families import MAX_REFERENCES, FamilyAdapter, load_adapter, resolve_device
 from facelora.train.optim import make_optimizer, make_scheduler
@@ -151,6 +151,11 @@ class Trainer:
             lora_io.load_into(transformer, self.init_lora, params.lora.rank)
         if params.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        self.sharded = self.world > 1 and params.train.distributed == "fsdp"
+        if self.sharded:  # FSDP2 in place: the parameters become DTensor shards
+            fsdp.shard_transformer(
+                transformer, [p for p in transformer.parameters() if p.requires_grad]
+            )
         self.module = transformer  # the plain transformer: what is saved
         self.trainable = [p for p in transformer.parameters() if p.requires_grad]
         self.n_transformer = len(self.trainable)
@@ -165,7 +170,12 @@ class Trainer:
                 if "lora_" in name:
                     p.data = p.data.float()
                     self.trainable.append(p)
-        if self.accelerator is not None:  # DDP (or FSDP from the accelerate config) wrapper
+        if self.accelerator is not None and not self.sharded:  # the DDP wrapper
+            # Every process loads the same frozen weights: DDP need only broadcast the LoRA
+            # (float8 weights could not be broadcast at all: gloo refuses the dtype).
+            transformer._ddp_params_and_buffers_to_ignore = [
+                n for n, p in transformer.named_parameters() if not p.requires_grad
+            ] + [n for n, _ in transformer.named_buffers()]
             self.adapter.transformer = self.accelerator.prepare(transformer)
         train = params.train
         diptych = train.diptych_prefix if train.diptych else None
@@ -216,12 +226,12 @@ class Trainer:
         state = checkpoint.load_state(folder)
         with torch.no_grad():
             for p, value in zip(self.trainable, state["trainable"], strict=True):
-                p.copy_(value.to(p.device, p.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
+                p.copy_(fsdp.like(p, value))
+        fsdp.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"][self.rank], self.noise)
         if self.ema is not None:
-            self.ema = [t.to(self.device) for t in state["ema"]]
+            self.ema = [fsdp.like(p, t) for p, t in zip(self.trainable, state["ema"], strict=True)]
         self.step = step
         self.position = DataPosition(**state["position"])
         if len(state["rng"]) != self.world:
@@ -245,16 +255,20 @@ class Trainer:
 
     def save(self, loss: float) -> Path | None:
         rng = self._gather(_rng_state(self.noise))
+        # whole tensors: under FSDP every process gathers them (a collective), in this order
+        trainable = [fsdp.full(p).cpu().clone() for p in self.trainable]
+        ema = [fsdp.full(t).cpu().clone() for t in self.ema] if self.ema is not None else None
+        optimizer = fsdp.full_optimizer_state(self.optimizer)
         if self.rank != 0:
             torch.distributed.barrier()
             return None
         state = {
-            "trainable": [p.detach().cpu().clone() for p in self.trainable],
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "position": vars(self.position).copy(),
-            "ema": [t.detach().cpu().clone() for t in self.ema] if self.ema is not None else None,
+            "ema": ema,
         }
         meta = {
             "step": self.step,
@@ -268,12 +282,12 @@ class Trainer:
             self.out,
             self.step,
             type(self.adapter.pipe),
-            self._lora_tensors(),
+            self._lora_tensors(trainable),
             metadata,
             self.params.lora.scale_alpha,
             state,
             meta,
-            self._lora_tensors(self.ema) if self.ema is not None else None,
+            self._lora_tensors(ema) if ema is not None else None,
             lora_io.module_lora_state(self.text_encoder) if self.text_encoder is not None else None,
         )
         if self.world > 1:
@@ -289,8 +303,8 @@ class Trainer:
 
     def checksum(self) -> str:
         h = hashlib.sha256()
-        for p in self.trainable:
-            h.update(p.detach().float().cpu().numpy().tobytes())
+        for p in self.trainable:  # whole tensors: under FSDP a collective
+            h.update(fsdp.full(p).float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     # -- steps -------------------------------------------------------------------------------
@@ -384,7 +398,8 @@ class Trainer:
                 (loss / train.grad_accum).backward()
                 total_loss += loss.item() / train.grad_accum
                 sigmas.append(sigma_mean)
-            norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, train.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, train.max_grad_norm)
+            norm = float(fsdp.full(norm))
             total_loss = self._mean(total_loss)  # the group's loss (one process: its own)
             if not math.isfinite(total_loss) or not math.isfinite(norm):
                 last = checkpoint.list_checkpoints(self.out)
@@ -420,6 +435,8 @@ class Trainer:
                     _write_log(log_path, rows)
         bar.close()
         checksums = self._gather(self.checksum())
+        # what each process holds of the transformer (FSDP: about 1/N of it)
+        held = self._gather(sum(_local(p).numel() for p in self.module.parameters()))
         if self.rank == 0:
             _write_log(log_path, rows)
         summary = {
@@ -438,10 +455,16 @@ class Trainer:
             },
             "resumed": resumed,
             "processes": self.world,
+            "distributed": self.params.train.distributed if self.world > 1 else None,
+            "parameters_per_process": held,
             "in_sync": len(set(checksums)) == 1,
             "rank_checksums": checksums,
         }
         return summary
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if fsdp.is_sharded(p) else p
 
 
 def _read_log(path: Path, upto: int) -> list[dict]:
