@@ -91,6 +91,40 @@ def test_flow_matching_matches_the_pipeline_scheduler(tiny_models, family):
         assert torch.allclose(stepped, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_shift_is_the_pipelines_own_at_each_resolution(tiny_models, family):
+    """Shift sampling with the model's default shift draws sigmas exactly as the pipeline's
+    own resolution-dependent schedule shifts them (its mu, its scheduler's time shift)."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
+
+    adapter = load_adapter(family, tiny_models[family], "float32", torch.device("cpu"))
+    config = adapter.pipe.scheduler.config
+    latents_64 = adapter.encode_latents(torch.zeros(1, 3, 64, 64))
+    channels, side = latents_64.shape[1], latents_64.shape[2]
+    shifts = []
+    for pixels in (256, 1024):
+        latents = torch.zeros(1, channels, side * pixels // 64, side * pixels // 64)
+        tokens = (pixels // 16) ** 2  # what the pipeline's packed latents hold at this size
+        if family == "qwen_image_edit":
+            mu = calculate_shift(
+                tokens,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+        else:
+            mu = compute_empirical_mu(image_seq_len=tokens, num_steps=50)
+        shift = adapter.default_shift(latents)
+        drawn = sample_sigmas(64, "shift", torch.Generator().manual_seed(0), shift=shift)
+        uniform = torch.rand(64, generator=torch.Generator().manual_seed(0))  # the same draws
+        expected = adapter.pipe.scheduler.time_shift(mu, 1.0, uniform).clamp(1e-4, 1 - 1e-4)
+        assert torch.allclose(drawn, expected, atol=1e-5)
+        shifts.append(shift)
+    assert shifts[1] > shifts[0] > 1.0  # more tokens, more noise
+
+
 def test_sigma_sampling():
     g = torch.Generator().manual_seed(0)
     uniform = sample_sigmas(20000, "uniform", g)
@@ -550,6 +584,19 @@ def test_gradient_checkpointing_trains(tmp_path, tiny_models):
     trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
     assert trainer.module.is_gradient_checkpointing
     assert np.isfinite(trainer.run(show_progress=False)["final_loss"])
+
+
+def test_gradient_accumulation_steps_once_per_group_of_batches(tmp_path, tiny_models):
+    data = write_pairs(tmp_path / "data", n=4)
+    params = settings("qwen_image_edit", tiny_models["qwen_image_edit"], steps=3, grad_accum=2)
+    trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
+    seen = []
+    next_batch = trainer._next_batch
+    trainer._next_batch = lambda: seen.append(trainer.position.item) or next_batch()
+    assert np.isfinite(trainer.run(show_progress=False)["final_loss"])
+    assert seen == [0, 1, 2, 3, 4, 5]  # two batches per optimizer step
+    assert trainer.step == 3 and trainer.scheduler.last_epoch == 3
+    assert len((tmp_path / "out" / "log.csv").read_text().splitlines()) == 1 + 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
