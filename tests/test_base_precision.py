@@ -170,3 +170,33 @@ def test_a_bf16_base_trains_an_fp32_lora(tmp_path, tiny_models, family):
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
     weights = load_file(list_checkpoints(tmp_path / "bfloat16")[-1][1] / DIFFUSERS_WEIGHTS)
     assert all(v.dtype == torch.float32 for v in weights.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evaluation_samples_on_the_float8_base_it_trained_on(tmp_path, tiny_models, family):
+    """Evaluation loads the base as training stored it (model.quantize): the saved LoRA goes
+    onto the float8 layers and samples close to the full-precision base with the same LoRA."""
+    from PIL import Image
+
+    from facelora.train.sample import apply_lora, generate, load_pipeline
+
+    _, _, out = train_tiny(tmp_path, tiny_models, family, "fp8", quantize="fp8")
+    lora = list_checkpoints(out)[-1][1] / DIFFUSERS_WEIGHTS
+    start = Image.open(next((tmp_path / "data").glob("*_start.png")))
+    latents = {}
+    for quantize in ("none", "fp8"):
+        pipe = load_pipeline(family, tiny_models[family], "float32", "cpu", quantize)
+        assert any(isinstance(m, Float8Linear) for m in pipe.transformer.modules()) == (
+            quantize == "fp8"
+        )
+        for scale in (0.0, 1.0):
+            apply_lora(pipe, lora, scale=scale)
+            latents[quantize, scale] = generate(
+                pipe, start, [], "EDITFACE paint a yellow square", width=64, height=64,
+                steps=4, seed=0, output_type="latent",
+            )  # fmt: skip
+    # the LoRA moves the samples the same way on either base
+    moved = {q: latents[q, 1.0] - latents[q, 0.0] for q in ("none", "fp8")}
+    assert float(moved["fp8"].abs().max()) > 0
+    assert relative_error(moved["fp8"], moved["none"]) < 0.2
+    assert relative_error(latents["fp8", 1.0], latents["none", 1.0]) < 0.05

@@ -106,9 +106,8 @@ class Evaluator:
 
         self.params = params
         device = resolve_device(params.model.device)
-        self.pipe = load_pipeline(
-            params.model.family, params.model.path, params.model.dtype, device
-        )
+        model = params.model
+        self.pipe = load_pipeline(model.family, model.path, model.dtype, device, model.quantize)
         if metrics is None:
             from facelora.metrics import MetricSuite, settings_from_params
 

@@ -82,55 +82,18 @@ class FamilyAdapter:
     pipeline_class_name: str
 
     def __init__(self, path: str | Path, dtype: str, device: torch.device, quantize: str = "none"):
-        import diffusers
 
         check_model_folder(path, self.family)
         self.path = Path(path)
         self.device = device
         self.dtype = _dtype(dtype)
-        cls = getattr(diffusers, self.pipeline_class_name)
-        extra = {}
-        bitsandbytes = quantize in ("nf4", "int8")
-        if bitsandbytes:
-            extra["transformer"] = self._quantized_transformer(quantize)
-        self.pipe = cls.from_pretrained(self.path, dtype=self.dtype, local_files_only=True, **extra)
-        self.pipe.set_progress_bar_config(disable=True)
-        if quantize == "fp8":
-            from facelora.train.fp8 import store_blocks_in_fp8
-
-            store_blocks_in_fp8(self.pipe.transformer, device, self.dtype)
+        self.pipe = load_quantized_pipeline(self.family, self.path, self.dtype, device, quantize)
         for name in ("transformer", "vae", "text_encoder"):
-            module = getattr(self.pipe, name)
-            module.requires_grad_(False)
-            if not (name == "transformer" and bitsandbytes):  # bitsandbytes placed it
-                module.to(device)
+            getattr(self.pipe, name).requires_grad_(False)
         self.transformer = self.pipe.transformer
         from facelora.models.tiny import read_marker
 
         self.tiny = read_marker(self.path) is not None
-
-    def _quantized_transformer(self, quantize: str):
-        if not torch.cuda.is_available():
-            raise ModelRefused(
-                f"model.quantize = {quantize} needs a CUDA GPU (bitsandbytes quantizes on the "
-                f"GPU); set model.quantize: none to train on this machine"
-            )
-        import diffusers
-
-        if quantize == "nf4":
-            config = diffusers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.dtype
-            )
-        else:
-            config = diffusers.BitsAndBytesConfig(load_in_8bit=True)
-        cls = type(self).transformer_class(diffusers)
-        return cls.from_pretrained(
-            self.path,
-            subfolder="transformer",
-            quantization_config=config,
-            dtype=self.dtype,
-            local_files_only=True,
-        )
 
     @staticmethod
     def transformer_class(diffusers):
@@ -327,6 +290,48 @@ def _pad_text(text: list[torch.Tensor], device, dtype) -> tuple[torch.Tensor, to
 
 
 ADAPTERS = {"qwen_image_edit": QwenImageEdit, "flux2_klein": Flux2Klein}
+
+
+def load_quantized_pipeline(
+    family: str, path: str | Path, dtype: torch.dtype, device: torch.device, quantize: str
+):
+    """The family's pipeline from a local folder on `device`, its transformer stored as
+    model.quantize says (nf4/int8: bitsandbytes, CUDA only; fp8: facelora.train.fp8)."""
+    import diffusers
+
+    adapter = ADAPTERS[family]
+    extra = {}
+    bitsandbytes = quantize in ("nf4", "int8")
+    if bitsandbytes:
+        if not torch.cuda.is_available():
+            raise ModelRefused(
+                f"model.quantize = {quantize} needs a CUDA GPU (bitsandbytes quantizes on the "
+                f"GPU); set model.quantize: none or fp8 on this machine"
+            )
+        if quantize == "nf4":
+            config = diffusers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            )
+        else:
+            config = diffusers.BitsAndBytesConfig(load_in_8bit=True)
+        extra["transformer"] = adapter.transformer_class(diffusers).from_pretrained(
+            path,
+            subfolder="transformer",
+            quantization_config=config,
+            dtype=dtype,
+            local_files_only=True,
+        )
+    cls = getattr(diffusers, adapter.pipeline_class_name)
+    pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    if quantize == "fp8":
+        from facelora.train.fp8 import store_blocks_in_fp8
+
+        store_blocks_in_fp8(pipe.transformer, device, dtype)
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module) and not (name == "transformer" and bitsandbytes):
+            module.to(device)  # bitsandbytes placed its transformer already
+    return pipe
 
 
 def load_adapter(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from facelora.train.families import ADAPTERS, check_model_folder
+from facelora.train.families import check_model_folder, load_quantized_pipeline
 
 LORA_ADAPTER = "facelora"  # the adapter name apply_lora gives the LoRA inside the pipeline
 QWEN_PIPELINE = "QwenImageEditPlusPipeline"
@@ -28,21 +28,22 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def load_pipeline(
-    family: str, path: str | Path, dtype: str | torch.dtype, device: str | torch.device
+    family: str,
+    path: str | Path,
+    dtype: str | torch.dtype,
+    device: str | torch.device,
+    quantize: str = "none",
 ) -> Any:
-    """The family's diffusers pipeline from a local folder, on `device`, progress bar off.
+    """The family's diffusers pipeline from a local folder, on `device`, progress bar off,
+    its transformer stored as in training (model.quantize), so a LoRA is judged on the base
+    it was trained against.
 
     The folder is refused for the same reasons training refuses it (wrong class, distilled
     Klein), so a LoRA is never evaluated on a model it was not trained for.
     """
-    import diffusers
-
     check_model_folder(path, family)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    cls = getattr(diffusers, ADAPTERS[family].pipeline_class_name)
-    pipe = cls.from_pretrained(Path(path), dtype=torch_dtype, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(torch.device(device))
+    return load_quantized_pipeline(family, Path(path), torch_dtype, torch.device(device), quantize)
 
 
 def apply_lora(pipe: Any, lora_file: str | Path, scale: float = 1.0) -> None:
