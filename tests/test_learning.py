@@ -25,7 +25,8 @@ flipped to x0 - noise (1.31 Qwen, 0.89 Klein) or replaced by x0 (0.96, 0.93), an
 latents miss the batch-norm normalisation (0.69). It does not catch a wrong timestep or a
 wrong conditioning (Qwen trained on 1 - sigma sampled as well as with sigma): with encoders
 that barely see the image, what the tiny model can learn is close to one latent whatever t
-and the start.
+and the start. Those are caught in test_train.py instead, which checks that training's
+transformer call equals the pipeline's own at inference (same latents, sigma, conditioning).
 """
 
 import csv

@@ -92,6 +92,54 @@ def test_flow_matching_matches_the_pipeline_scheduler(tiny_models, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_training_predicts_exactly_what_the_pipeline_computes(tmp_path, tiny_models, family):
+    """The transformer call of training (cached start latents and prompt, packing, position
+    ids, sigma as the timestep) gives the pipeline's own call at inference, for the same noisy
+    latents at the pipeline's first sigma: a wrong timestep scale, conditioning or packing
+    would differ."""
+    from facelora.train.sample import generate
+
+    data = write_pairs(tmp_path / "data", n=1)
+    params = settings(family, tiny_models[family], steps=1)
+    trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
+    trainer.cache.prepare(trainer.samples)
+    sample, pipe = trainer.samples[0], trainer.adapter.pipe
+    calls = []
+    handle = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((kwargs, out[0])), with_kwargs=True
+    )
+    width, height = sample.size
+    start = Image.open(sample.controls[0])
+    with torch.no_grad():
+        generate(pipe, start, [], sample.caption, width=width, height=height, steps=3, seed=0,
+                 output_type="latent")  # fmt: skip
+    handle.remove()
+    inputs, output = calls[0]  # the first step: at the schedule's first sigma
+    sigma = pipe.scheduler.sigmas[:1].float()
+
+    target = trainer.cache.latents(sample.target, sample.size)[None]
+    b, c, h, w = target.shape
+    n = h * w // 4 if family == "qwen_image_edit" else h * w  # the target's tokens come first
+
+    def unpack(x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :n]
+        if family == "qwen_image_edit":  # undo the 2x2 packing
+            x = x.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+            return x.reshape(b, c, h, w)
+        return x.permute(0, 2, 1).reshape(b, c, h, w)
+
+    noisy = unpack(inputs["hidden_states"])
+    controls = [trainer.cache.latents(sample.controls[0], sample.size)[None]]
+    text = [trainer.cache.text(sample)]
+    with torch.no_grad():
+        predicted = trainer.adapter.predict(noisy, controls, text, sigma)
+    assert float(inputs["timestep"][0]) == pytest.approx(float(sigma[0]), abs=1e-6)
+    assert torch.allclose(predicted, unpack(output), atol=1e-4), float(
+        (predicted - unpack(output)).abs().max()
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_default_shift_is_the_pipelines_own_at_each_resolution(tiny_models, family):
     """Shift sampling with the model's default shift draws sigmas exactly as the pipeline's
     own resolution-dependent schedule shifts them (its mu, its scheduler's time shift)."""
