@@ -481,11 +481,13 @@ def test_every_optimizer_trains(tmp_path, tiny_models, optimizer, lr):
         )
 
 
-@pytest.mark.parametrize("quantize", ["none", "fp8"])
-def test_two_processes_stay_in_sync(tmp_path, tiny_models, quantize):
+@pytest.mark.parametrize(
+    ("quantize", "text_encoder"), [("none", False), ("fp8", False), ("none", True)]
+)
+def test_two_processes_stay_in_sync(tmp_path, tiny_models, quantize, text_encoder):
     """Data-parallel training on the CPU (torchrun, gloo): both processes end with the same
     LoRA, having trained on different batches (also over a float8 base, which DDP must not
-    try to broadcast)."""
+    try to broadcast, and with a text encoder LoRA, whose gradients are averaged by hand)."""
     data = write_pairs(tmp_path / "data", n=4)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(
@@ -498,7 +500,7 @@ def test_two_processes_stay_in_sync(tmp_path, tiny_models, quantize):
                     "path": str(tiny_models["flux2_klein"]),
                     "quantize": quantize,
                 },
-                "lora": {"rank": 4, "preset": "all_blocks"},
+                "lora": {"rank": 4, "preset": "all_blocks", "train_text_encoder": text_encoder},
                 "train": {"resolution": 64, "save_every": 3},
                 "phases": [{"name": "one", "steps": 6}],
             }
@@ -535,6 +537,9 @@ def test_two_processes_stay_in_sync(tmp_path, tiny_models, quantize):
     state = torch.load(list_checkpoints(out)[-1][1] / "state.pt", weights_only=False)
     assert len(state["rng"]) == 2  # each process's random state, for exact resume
     assert state["position"]["item"] == 12  # 6 steps x 2 processes, one batch each
+    if text_encoder:  # trained in step by both processes (in_sync covers its weights too)
+        text = load_file(list_checkpoints(out)[-1][1] / "text_encoder_lora.safetensors")
+        assert any(float(v.abs().max()) > 0 for k, v in text.items() if ".lora_B." in k)
 
 
 def test_diptych_mode_trains_on_side_by_side_pairs(tmp_path, tiny_models):

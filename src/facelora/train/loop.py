@@ -161,8 +161,6 @@ class Trainer:
         self.n_transformer = len(self.trainable)
         self.text_encoder = None
         if params.lora.train_text_encoder:
-            if self.world > 1:
-                raise ValueError("lora.train_text_encoder runs in one process only (for now)")
             self.text_encoder = self.adapter.pipe.text_encoder
             lora_io.add_text_encoder_lora(self.text_encoder, params.lora)
             for name, p in self.text_encoder.named_parameters():
@@ -170,6 +168,10 @@ class Trainer:
                 if "lora_" in name:
                     p.data = p.data.float()
                     self.trainable.append(p)
+            if self.world > 1:  # not wrapped: its gradients are averaged by hand (_sync_text)
+                with torch.no_grad():
+                    for p in self.trainable[self.n_transformer :]:
+                        torch.distributed.broadcast(p.data, src=0)
         if self.accelerator is not None and not self.sharded:  # the DDP wrapper
             # Every process loads the same frozen weights: DDP need only broadcast the LoRA
             # (float8 weights could not be broadcast at all: gloo refuses the dtype).
@@ -294,6 +296,21 @@ class Trainer:
             torch.distributed.barrier()
         return folder
 
+    def _sync_text_encoder_grads(self) -> None:
+        """Average the text encoder LoRA's gradients over the processes (as DDP/FSDP do for
+        the transformer's): one all-reduce of them all, flattened."""
+        params = self.trainable[self.n_transformer :]
+        if self.world == 1 or not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
     def _mean(self, value: float) -> float:
         if self.world == 1:
             return value
@@ -398,6 +415,7 @@ class Trainer:
                 (loss / train.grad_accum).backward()
                 total_loss += loss.item() / train.grad_accum
                 sigmas.append(sigma_mean)
+            self._sync_text_encoder_grads()
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, train.max_grad_norm)
             norm = float(fsdp.full(norm))
             total_loss = self._mean(total_loss)  # the group's loss (one process: its own)
