@@ -31,6 +31,7 @@ def train(root, model, data, name, distributed, quantize="none"):
                     "save_every": 3,
                     "ema_decay": 0.9,
                     "distributed": distributed,
+                    "keep_states": None,  # the resume test restarts from the older one
                 },
                 "phases": [{"name": "one", "steps": 6}],
             }

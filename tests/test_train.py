@@ -253,6 +253,23 @@ def test_training_writes_loadable_checkpoints(tmp_path, tiny_models, family):
     assert trained is trainer.adapter.transformer
 
 
+@pytest.mark.parametrize("keep", [1, 2, None])
+def test_only_the_newest_checkpoints_keep_the_resume_state(tmp_path, tiny_models, keep):
+    data = write_pairs(tmp_path / "data", n=2)
+    params = settings("qwen_image_edit", tiny_models["qwen_image_edit"], steps=6, save_every=2)
+    params.train.keep_states = keep
+    out = tmp_path / "out"
+    train_phase("one", data, out, params, cache_dir=tmp_path / "cache", show_progress=False)
+    found = list_checkpoints(out)
+    assert [s for s, _ in found] == [2, 4, 6]
+    with_state = [s for s, d in found if (d / "state.pt").is_file()]
+    assert with_state == {1: [6], 2: [4, 6], None: [2, 4, 6]}[keep]
+    assert all((d / lora_io.DIFFUSERS_WEIGHTS).is_file() for _, d in found)  # for evaluation
+    # resuming uses the newest checkpoint that has its state
+    again = train_phase("one", data, out, params, cache_dir=tmp_path / "cache", show_progress=False)
+    assert again["resumed"] is True
+
+
 def test_comfyui_layout_carries_the_same_weights(tmp_path, tiny_models):
     data = write_pairs(tmp_path / "data", n=2)
     out = tmp_path / "out"

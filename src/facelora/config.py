@@ -421,6 +421,10 @@ class TrainParams(Section):
     # over them: 1/N of the frozen weights each; adamw only, model.quantize none or fp8)
     distributed: Literal["ddp", "fsdp"] = "ddp"
     save_every: PositiveInt = 250
+    # the newest checkpoints that keep the full training state (state.pt, for resuming:
+    # optimizer moments make it ~3x the LoRA); older ones keep their LoRA weights only.
+    # null: every checkpoint keeps it
+    keep_states: PositiveInt | None = 1
     cache: bool = True  # VAE latents and text embeddings on disk, reused across phases
     diptych: bool = False  # train on [before | after] side by side, no control image
     diptych_prefix: str = "a diptych, the same person before (left) and after (right) the edit:"

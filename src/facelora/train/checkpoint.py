@@ -6,7 +6,9 @@
         ema/pytorch_lora_weights.safetensors  (with train.ema_decay)
         text_encoder_lora.safetensors      (with lora.train_text_encoder)
         state.pt                           optimizer, schedule, RNG states, data position, EMA,
-                                           exact LoRA tensors
+                                           exact LoRA tensors (only in the newest
+                                           train.keep_states checkpoints: it is several
+                                           times the LoRA's size)
         meta.json                          step, loss, the run's fingerprint
 
 A checkpoint is built in a hidden folder and renamed into place, so a killed run leaves
@@ -77,12 +79,27 @@ def save(
 
 
 def latest_matching(out: Path, fingerprint: str) -> tuple[int, Path] | None:
-    """The newest complete checkpoint made by a run with the same fingerprint."""
+    """The newest complete checkpoint, with its training state, made by a run with the same
+    fingerprint."""
     for step, folder in reversed(list_checkpoints(out)):
         meta = json.loads((folder / "meta.json").read_text())
-        if meta.get("fingerprint") == fingerprint:
+        if meta.get("fingerprint") == fingerprint and (folder / "state.pt").is_file():
             return step, folder
     return None
+
+
+def prune_states(out: Path, keep: int | None) -> list[Path]:
+    """Delete state.pt from all but the newest `keep` checkpoints (None: keep every one); their
+    LoRA weights stay for evaluation. Returns the folders pruned."""
+    if keep is None:
+        return []
+    pruned = []
+    for _, folder in list_checkpoints(out)[:-keep]:
+        state = folder / "state.pt"
+        if state.is_file():
+            state.unlink()
+            pruned.append(folder)
+    return pruned
 
 
 def load_state(folder: Path) -> dict:

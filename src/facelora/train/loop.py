@@ -72,7 +72,7 @@ def fingerprint(
         "lr": params.lr,
         "model": params.model.model_dump(mode="json"),
         "lora": params.lora.model_dump(mode="json"),
-        "train": params.train.model_dump(mode="json", exclude={"save_every"}),
+        "train": params.train.model_dump(mode="json", exclude={"save_every", "keep_states"}),
         "phase": params.phase(phase).model_dump(mode="json"),
     }
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -292,6 +292,7 @@ class Trainer:
             self._lora_tensors(ema) if ema is not None else None,
             lora_io.module_lora_state(self.text_encoder) if self.text_encoder is not None else None,
         )
+        checkpoint.prune_states(self.out, self.params.train.keep_states)
         if self.world > 1:
             torch.distributed.barrier()
         return folder
