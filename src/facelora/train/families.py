@@ -81,13 +81,21 @@ class FamilyAdapter:
     family: str
     pipeline_class_name: str
 
-    def __init__(self, path: str | Path, dtype: str, device: torch.device, quantize: str = "none"):
-
+    def __init__(
+        self,
+        path: str | Path,
+        dtype: str,
+        device: torch.device,
+        quantize: str = "none",
+        transformer_device: torch.device | None = None,
+    ):
         check_model_folder(path, self.family)
         self.path = Path(path)
         self.device = device
         self.dtype = _dtype(dtype)
-        self.pipe = load_quantized_pipeline(self.family, self.path, self.dtype, device, quantize)
+        self.pipe = load_quantized_pipeline(
+            self.family, self.path, self.dtype, device, quantize, transformer_device
+        )
         for name in ("transformer", "vae", "text_encoder"):
             getattr(self.pipe, name).requires_grad_(False)
         self.transformer = self.pipe.transformer
@@ -293,10 +301,17 @@ ADAPTERS = {"qwen_image_edit": QwenImageEdit, "flux2_klein": Flux2Klein}
 
 
 def load_quantized_pipeline(
-    family: str, path: str | Path, dtype: torch.dtype, device: torch.device, quantize: str
+    family: str,
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantize: str,
+    transformer_device: torch.device | None = None,
 ):
     """The family's pipeline from a local folder on `device`, its transformer stored as
-    model.quantize says (nf4/int8: bitsandbytes, CUDA only; fp8: facelora.train.fp8)."""
+    model.quantize says (nf4/int8: bitsandbytes, CUDA only; fp8: facelora.train.fp8) and
+    placed on `transformer_device` (default: `device`; FSDP shards it from the CPU)."""
+    transformer_device = transformer_device or device
     import diffusers
 
     adapter = ADAPTERS[family]
@@ -327,17 +342,25 @@ def load_quantized_pipeline(
     if quantize == "fp8":
         from facelora.train.fp8 import store_blocks_in_fp8
 
-        store_blocks_in_fp8(pipe.transformer, device, dtype)
+        store_blocks_in_fp8(pipe.transformer, transformer_device, dtype)
     for name, module in pipe.components.items():
-        if isinstance(module, torch.nn.Module) and not (name == "transformer" and bitsandbytes):
-            module.to(device)  # bitsandbytes placed its transformer already
+        if name == "transformer":
+            if not bitsandbytes:  # bitsandbytes placed its transformer already
+                module.to(transformer_device)
+        elif isinstance(module, torch.nn.Module):
+            module.to(device)
     return pipe
 
 
 def load_adapter(
-    family: str, path: str | Path, dtype: str, device: torch.device, quantize: str = "none"
+    family: str,
+    path: str | Path,
+    dtype: str,
+    device: torch.device,
+    quantize: str = "none",
+    transformer_device: torch.device | None = None,
 ) -> FamilyAdapter:
-    return ADAPTERS[family](path, dtype, device, quantize)
+    return ADAPTERS[family](path, dtype, device, quantize, transformer_device)
 
 
 def to_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:

@@ -21,21 +21,29 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
-def shard_transformer(transformer: nn.Module, trainable: Iterable[nn.Parameter]) -> int:
-    """Shard `transformer` block by block; returns the number of blocks sharded.
+def shard_transformer(
+    transformer: nn.Module, trainable: Iterable[nn.Parameter], device: torch.device
+) -> int:
+    """Shard `transformer` block by block onto `device`; returns the number of blocks sharded.
 
-    The trainable (LoRA) parameters are first made identical on every process (process 0's
-    values): each process initialised its own, and sharding keeps each process's own slice.
+    The transformer may sit on the CPU: each block moves to `device` only as it is sharded,
+    so the device never holds the whole model. The trainable (LoRA) parameters are first made
+    identical on every process (process 0's values): each process initialised its own, and
+    sharding keeps each process's own slice.
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     with torch.no_grad():
-        for p in trainable:
-            torch.distributed.broadcast(p.data, src=0)
+        for p in trainable:  # through the device: NCCL broadcasts GPU tensors only
+            value = p.data.to(device)
+            torch.distributed.broadcast(value, src=0)
+            p.data.copy_(value)
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     blocks = [b for name in BLOCK_LISTS for b in getattr(transformer, name, [])]
     for block in blocks:
-        fully_shard(block)
-    fully_shard(transformer)
+        fully_shard(block, mesh=mesh)
+    fully_shard(transformer, mesh=mesh)
     return len(blocks)
 
 

@@ -134,12 +134,15 @@ class Trainer:
         torch.manual_seed(params.seed + self.rank)
         np.random.seed((params.seed + self.rank) % 2**32)
         random.seed(params.seed + self.rank)
+        self.sharded = self.world > 1 and params.train.distributed == "fsdp"
         self.adapter: FamilyAdapter = load_adapter(
             params.model.family,
             params.model.path,
             params.model.dtype,
             self.device,
             params.model.quantize,
+            # FSDP moves it to the device block by block while sharding: never whole there
+            transformer_device=torch.device("cpu") if self.sharded else None,
         )
         transformer = self.adapter.transformer
         self.targets = lora_io.add_lora(transformer, params.model.family, params.lora)
@@ -151,10 +154,9 @@ class Trainer:
             lora_io.load_into(transformer, self.init_lora, params.lora.rank)
         if params.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        self.sharded = self.world > 1 and params.train.distributed == "fsdp"
-        if self.sharded:  # FSDP2 in place: the parameters become DTensor shards
+        if self.sharded:  # FSDP2 in place: the parameters become DTensor shards on the device
             fsdp.shard_transformer(
-                transformer, [p for p in transformer.parameters() if p.requires_grad]
+                transformer, [p for p in transformer.parameters() if p.requires_grad], self.device
             )
         self.module = transformer  # the plain transformer: what is saved
         self.trainable = [p for p in transformer.parameters() if p.requires_grad]
