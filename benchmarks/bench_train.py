@@ -47,14 +47,26 @@ column is given), so its "uncached" re-encodes images only. Its "cache build" is
 latents" loop (captions only, without --cache_latents). No tracker is installed (`--report_to
 all` finds none), so it logs nothing per step.
 
+Real width (--width real --blocks A,B): instead of the tiny transformers, random ones of the
+released models' block width and heads (facelora.models.real_configs: Qwen-Image 24 x 128,
+FLUX.2 klein 9B 32 x 128, with their MLPs and modulation; only the context projection from the
+tiny text encoder is narrower), A and B blocks deep (Klein: double blocks, each with three
+single ones, as the 9B's 8 + 24). Their s/step and peak memory are then carried along the line
+through the two depths to the released depth. --quantize and --gradient-checkpointing (on by
+default at real width) set model.quantize and train.gradient_checkpointing.
+
 Run it:
 
     .venv/bin/python benchmarks/bench_train.py [--family all] [--steps 20] [--warmup 3]
-        [--pairs 8] [--resolution 64] [--device cpu] [--repeat 1] [--threads 1]
+        [--pairs 8] [--resolution 64] [--device cpu] [--dtype float32] [--repeat 1]
+        [--threads 1] [--modes cached,uncached] [--width tiny|real --blocks 2,4]
+        [--quantize none|fp8|int8|nf4] [--rank 4]
         [--diffusers-script PATH [--diffusers-pythonpath DIR]]
 
-It prints figures only; nothing is asserted. The tiny models are random: the figures measure
-the training loop's own overheads (data, encoding, LoRA bookkeeping), not real model speed.
+On a GPU machine, benchmarks/gpu_session.sh runs the real-width figures at 1024x1024.
+It prints figures only; nothing is asserted. The models are random: at tiny width the figures
+measure the training loop's own overheads (data, encoding, LoRA bookkeeping), at real width
+the transformer's compute and memory per block, never a real model's quality.
 """
 
 from __future__ import annotations
