@@ -115,6 +115,14 @@ def test_fsdp_settings_that_cannot_work_are_refused(params):
         validate_params(
             {**base, "train": {**base["train"], "distributed": "fsdp", "optimizer": "prodigy"}}
         )
+    with pytest.raises(ParamsError, match="lora.train_text_encoder: false"):
+        validate_params(
+            {
+                **base,
+                "train": {**base["train"], "distributed": "fsdp"},
+                "lora": {**base["lora"], "train_text_encoder": True},
+            }
+        )
     with pytest.raises(ParamsError, match="bitsandbytes"):
         validate_params(
             {

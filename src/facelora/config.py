@@ -579,6 +579,12 @@ class Params(Section):
                 f"train.distributed: fsdp cannot shard bitsandbytes' {self.model.quantize} "
                 f"weights: use model.quantize: fp8 (or none), or distributed: ddp"
             )
+        if self.train.distributed == "fsdp" and self.lora.train_text_encoder:
+            raise ValueError(
+                "train.distributed: fsdp shards the transformer only, and its gradients cannot "
+                "be clipped together with an unsharded text encoder LoRA: set "
+                "lora.train_text_encoder: false, or distributed: ddp"
+            )
         return self
 
     @model_validator(mode="after")

@@ -170,7 +170,7 @@ class Trainer:
                 if "lora_" in name:
                     p.data = p.data.float()
                     self.trainable.append(p)
-            if self.world > 1:  # not wrapped: its gradients are averaged by hand (_sync_text)
+            if self.world > 1:  # unwrapped: _sync_text_encoder_grads averages its gradients
                 with torch.no_grad():
                     for p in self.trainable[self.n_transformer :]:
                         torch.distributed.broadcast(p.data, src=0)
