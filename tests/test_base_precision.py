@@ -151,6 +151,8 @@ def test_quantized_base_trains_on_a_gpu(tmp_path, tiny_models, quantize):
     )
     assert math.isfinite(summary["final_loss"])
     assert all(p.dtype == torch.float32 and p.is_cuda for p in trainer.trainable)
+    for encoder in (trainer.adapter.pipe.vae, trainer.adapter.pipe.text_encoder):
+        assert next(encoder.parameters()).device.type == "cpu"  # set aside once cached
     weights = load_file(list_checkpoints(out)[-1][1] / DIFFUSERS_WEIGHTS)
     assert any(float(v.abs().max()) > 0 for k, v in weights.items() if ".lora_B." in k)
 

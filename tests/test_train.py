@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,6 +297,14 @@ def test_cache_is_reused_across_runs(tmp_path, tiny_models):
     second.cache.prepare(second.samples)
     assert second.cache.misses == 0 and second.cache.hits == first.cache.misses
 
+    # once cached, the encoders leave the training device; a later miss still encodes
+    assert first.adapter.encoders_aside
+    sample = first.samples[0]
+    cached, misses = first.cache.latents(sample.target, sample.size), first.cache.misses
+    shutil.rmtree(tmp_path / "cache" / "latents")
+    assert torch.equal(first.cache.latents(sample.target, sample.size), cached)
+    assert first.adapter.encoders_aside and first.cache.misses == misses + 1
+
 
 def test_next_phase_starts_from_the_previous_lora(tmp_path, tiny_models):
     from facelora.train.init import resolve_init
@@ -410,8 +419,6 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_models
 
 
 def test_distilled_klein_and_wrong_folders_are_refused(tmp_path, tiny_models):
-    import shutil
-
     distilled = tmp_path / "distilled"
     shutil.copytree(tiny_models["flux2_klein"], distilled)
     index = json.loads((distilled / "model_index.json").read_text())
@@ -614,6 +621,7 @@ def test_text_encoder_lora_is_trained_and_saved(tmp_path, tiny_models, family):
     trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
     assert len(trainer.trainable) > trainer.n_transformer
     trainer.run(show_progress=False)
+    assert not trainer.adapter.encoders_aside  # the text encoder trains: it stays
     last = list_checkpoints(tmp_path / "out")[-1][1]
     text = load_file(last / "text_encoder_lora.safetensors")
     assert text and all(k.startswith("text_encoder.") and "self_attn" in k for k in text)

@@ -147,7 +147,8 @@ class EncodingCache:
         if path is not None and path.is_file():
             self.hits += 1
             return load_file(path)["value"]
-        value = compute().detach().to("cpu").contiguous()
+        with self.adapter.encoders_on_device():
+            value = compute().detach().to("cpu").contiguous()
         self.misses += 1
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

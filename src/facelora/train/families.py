@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,9 +101,38 @@ class FamilyAdapter:
         for name in ("transformer", "vae", "text_encoder"):
             getattr(self.pipe, name).requires_grad_(False)
         self.transformer = self.pipe.transformer
+        self.encoders_aside = False
         from facelora.models.tiny import read_marker
 
         self.tiny = read_marker(self.path) is not None
+
+    # -- the encoders' place -----------------------------------------------------------------
+
+    ENCODERS = ("vae", "text_encoder")
+
+    def set_encoders_aside(self) -> None:
+        """Move the VAE and the text encoder to CPU memory: training reads their outputs from
+        the cache, and on a GPU they would hold memory the whole run (Qwen2.5-VL 7B, Qwen3 8B:
+        about 16 GB in bf16). `encoders_on_device` brings them back for any later encoding."""
+        for name in self.ENCODERS:
+            getattr(self.pipe, name).to("cpu")
+        self.encoders_aside = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @contextmanager
+    def encoders_on_device(self) -> Iterator[None]:
+        """The encoders on the training device for the duration (a no-op unless set aside)."""
+        if not self.encoders_aside:
+            yield
+            return
+        for name in self.ENCODERS:
+            getattr(self.pipe, name).to(self.device)
+        try:
+            yield
+        finally:
+            for name in self.ENCODERS:
+                getattr(self.pipe, name).to("cpu")
 
     @staticmethod
     def transformer_class(diffusers):

@@ -396,6 +396,8 @@ class Trainer:
         self.cache.prepare(self.samples + self.regularization)
         if self.world > 1 and self.rank == 0:
             torch.distributed.barrier()
+        if self.params.train.cache and self.text_encoder is None:
+            self.adapter.set_encoders_aside()  # every encoding is on disk now
         cache_seconds = time.perf_counter() - started
         resumed = self.resume()
         log_path = self.out / "log.csv"
