@@ -5,13 +5,12 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel, QwenImageEditPlusPipeline
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_train import write_pairs
 
 from facelora import merge
 from facelora.config import validate_params
@@ -333,28 +332,6 @@ def test_loras_for_different_base_models_are_refused(tmp_path, loras, transforme
 # --- real training files, command line -----------------------------------------------------
 
 
-def write_pairs(folder: Path, n: int = 2, size: int = 64) -> Path:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    rows = []
-    for i in range(n):
-        base = rng.integers(40, 200, (8, 8, 3)).astype(np.uint8)
-        start = np.asarray(Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC))
-        end = start.copy()
-        end[size // 4 : size // 2, size // 4 : size // 2] = (250, 240, 40)
-        pid = f"p{i:012d}"
-        Image.fromarray(start).save(folder / f"{pid}_start.png")
-        Image.fromarray(end).save(folder / f"{pid}_end.png")
-        caption = "EDITFACE paint a yellow square"
-        (folder / f"{pid}.txt").write_text(caption + "\n")
-        rows.append(
-            {"pair_id": pid, "start": f"{pid}_start.png", "end": f"{pid}_end.png"}
-            | {"references": [], "caption": caption}
-        )
-    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
-
-
 def test_trained_checkpoints_merge_and_the_command_writes_both_layouts(tmp_path, loras, qwen_model):
     params = validate_params(
         {
@@ -367,7 +344,7 @@ def test_trained_checkpoints_merge_and_the_command_writes_both_layouts(tmp_path,
         }
     )
     out = tmp_path / "out"
-    Trainer("one", write_pairs(tmp_path / "data"), out, params, cache_dir=tmp_path / "c").run(
+    Trainer("one", write_pairs(tmp_path / "data", n=2), out, params, cache_dir=tmp_path / "c").run(
         show_progress=False
     )
     checkpoint = list_checkpoints(out)[-1][1]
