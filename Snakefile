@@ -1,15 +1,16 @@
 # facelora: a folder of face photos -> phase datasets -> one LoRA per phase -> evaluated
 # checkpoints -> the best of each phase -> the final LoRA.
-# Every rule runs one `facelora` command; the logic lives in src/facelora.
-# Local: snakemake --cores 2    Cluster: snakemake --profile slurm    Settings: params.yaml
+# One rule file per stage package of src/facelora (prepare, models, train, evaluate, release);
+# every rule runs one `facelora` command. Local: snakemake --cores 2; cluster: snakemake
+# --profile slurm; settings: params.yaml.
 
 
 include: "rules/common.smk"
-include: "rules/faces.smk"
-include: "rules/pairs.smk"
-include: "rules/phases.smk"
+include: "rules/prepare.smk"
+include: "rules/models.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/release.smk"
 
 
 rule all:

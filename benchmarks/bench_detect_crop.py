@@ -15,7 +15,7 @@ Run it:
 
     .venv/bin/python benchmarks/bench_detect_crop.py [--images DIR] [--repeat N] [--workers N]
 
-Without --images it builds the demo sample data (facelora.sample_data, about 7 s) in a
+Without --images it builds the demo sample data (facelora.prepare.sample_data, about 7 s) in a
 temporary folder (in a child process), then measures in a second child process so the
 build's memory stays out of the peak RSS figures. Models are loaded before the timed runs
 where the API allows it (the output says where it does not). Each timing is repeated
@@ -53,9 +53,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from facelora.config import Params
-from facelora.faces.backends import make_backend
-from facelora.faces.crop import crop_shard, gather_crops
-from facelora.faces.detect import DetectOutputs, detect_shard, gather_detections
+from facelora.prepare.faces.backends import make_backend
+from facelora.prepare.faces.crop import crop_shard, gather_crops
+from facelora.prepare.faces.detect import DetectOutputs, detect_shard, gather_detections
 
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 T = TypeVar("T")
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="bench_detect_crop_sample_") as tmp:
             sample = Path(tmp) / "sample"
             build = (
-                "import sys; from facelora.sample_data import build_sample_data; "
+                "import sys; from facelora.prepare.sample_data import build_sample_data; "
                 "build_sample_data(sys.argv[1])"
             )
             start = time.perf_counter()

@@ -1,5 +1,5 @@
 # Settings (validated against facelora.config's schema) and helpers shared by all rules.
-from facelora.workflow import (
+from facelora.workflow.rules import (
     eval_group_outputs,
     job_resources,
     load_workflow_params,

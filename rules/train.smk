@@ -1,21 +1,6 @@
 # one LoRA per phase, each starting from the previous phase's (training resumes by itself)
 
 
-rule make_tiny_model:
-    output:
-        directory(f"{RES}/models/tiny-{{family}}"),
-    log:
-        "logs/make_tiny_model/{family}.log",
-    wildcard_constraints:
-        family="qwen_image_edit|flux2_klein",
-    conda:
-        ENV
-    resources:
-        **job_resources(P, "data"),
-    shell:
-        "facelora make-tiny-model {wildcards.family} {output} > {log} 2>&1"
-
-
 rule train:
     input:
         data=f"{RES}/phases/{{phase}}",

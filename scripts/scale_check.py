@@ -27,7 +27,7 @@ CLI = str(Path(sys.executable).with_name("facelora"))
 
 def build(dest: Path, n_pairs: int, side: int = 900) -> None:
     """n_pairs Kontext pairs of about `side` px, each a distinct re-framing of a portrait."""
-    from facelora.sample_data import EDITS, _Landmarker, portraits, source_photos
+    from facelora.prepare.sample_data import EDITS, _Landmarker, portraits, source_photos
 
     rng = np.random.default_rng(0)
     people = portraits(source_photos(), _Landmarker())

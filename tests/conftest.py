@@ -35,7 +35,7 @@ def shared_faces() -> Path:
 @pytest.fixture(scope="session")
 def sample_raw(tmp_path_factory) -> Path:
     """The demo dataset, built once per test session (about 7 s)."""
-    from facelora.sample_data import build_sample_data
+    from facelora.prepare.sample_data import build_sample_data
 
     dest = tmp_path_factory.mktemp("sample") / "raw"
     build_sample_data(dest)
@@ -55,13 +55,13 @@ def params() -> Params:
 
 def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> Path:
     """detect -> crop -> pair index -> pairs -> captions -> split -> phases, in-process."""
-    from facelora.captions import caption_pairs
-    from facelora.faces.crop import crop_shard, gather_crops
-    from facelora.faces.detect import DetectOutputs, detect_shard, gather_detections
-    from facelora.pairs.index import build_index, write_index
-    from facelora.pairs.score import gather_pairs, score_shard
-    from facelora.phases import run_select
-    from facelora.split import run_split
+    from facelora.prepare.captions import caption_pairs
+    from facelora.prepare.faces.crop import crop_shard, gather_crops
+    from facelora.prepare.faces.detect import DetectOutputs, detect_shard, gather_detections
+    from facelora.prepare.pairs.index import build_index, write_index
+    from facelora.prepare.pairs.score import gather_pairs, score_shard
+    from facelora.prepare.phases import run_select
+    from facelora.prepare.split import run_split
 
     faces_dir, crops_dir, pairs_dir = results / "faces", results / "crops", results / "pairs"
     shard_tables = []

@@ -12,19 +12,19 @@ from safetensors.torch import load_file
 from test_train import FAMILIES, settings, write_pairs
 from torch import nn
 
-from facelora.models.lora_targets import FAMILY_CLASSES
-from facelora.models.plan import GIB, plan
-from facelora.train.checkpoint import list_checkpoints
-from facelora.train.families import load_adapter
-from facelora.train.fp8 import (
+from facelora.models.adapters import load_adapter
+from facelora.models.fp8 import (
     FP8_DTYPE,
     Float8Linear,
     dequantize_rows,
     quantize_rows,
     store_blocks_in_fp8,
 )
+from facelora.models.lora_io import DIFFUSERS_WEIGHTS
+from facelora.models.lora_targets import FAMILY_CLASSES
+from facelora.models.plan import GIB, plan
+from facelora.train.checkpoint import list_checkpoints
 from facelora.train.loop import Trainer
-from facelora.train.lora_io import DIFFUSERS_WEIGHTS
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -180,7 +180,7 @@ def test_evaluation_samples_on_the_float8_base_it_trained_on(tmp_path, tiny_mode
     onto the float8 layers and samples close to the full-precision base with the same LoRA."""
     from PIL import Image
 
-    from facelora.train.sample import apply_lora, generate, load_pipeline
+    from facelora.models.inference import apply_lora, generate, load_pipeline
 
     _, _, out = train_tiny(tmp_path, tiny_models, family, "fp8", quantize="fp8")
     lora = list_checkpoints(out)[-1][1] / DIFFUSERS_WEIGHTS

@@ -2,10 +2,10 @@
 
 import pytest
 
-from facelora.captions import caption_for, lint_caption
 from facelora.config import CaptionsParams, Params, validate_params
-from facelora.faces.types import ModelFileMissing
-from facelora.vlm import VlmCaptioner, clean_instruction
+from facelora.prepare.captions import caption_for, lint_caption
+from facelora.prepare.faces.types import ModelFileMissing
+from facelora.prepare.vlm import VlmCaptioner, clean_instruction
 
 
 def rules(caption, **kw):

@@ -7,7 +7,7 @@ import pytest
 
 from facelora.config import ParamsError, validate_params
 from facelora.train.launch import first_host, launcher_argv, without_launch_options
-from facelora.workflow import job_resources, train_processes
+from facelora.workflow.rules import job_resources, train_processes
 
 PHASES = [
     {"name": "broad", "steps": 4},

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from facelora.config import Params, ParamsError, load_params, validate_params
-from facelora.workflow import load_workflow_params
+from facelora.workflow.rules import load_workflow_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from facelora.config import CropParams, Params, validate_params
-from facelora.faces.align import (
+from facelora.prepare.faces.align import (
     CropRejected,
     face_frame,
     output_side,
@@ -17,9 +17,9 @@ from facelora.faces.align import (
     transform_points,
     warp_crop,
 )
-from facelora.faces.backends import make_backend
-from facelora.faces.crop import crop_shard, gather_crops
-from facelora.faces.detect import DetectOutputs, detect_shard, gather_detections
+from facelora.prepare.faces.backends import make_backend
+from facelora.prepare.faces.crop import crop_shard, gather_crops
+from facelora.prepare.faces.detect import DetectOutputs, detect_shard, gather_detections
 
 # a frontal face: eyes 100 px apart at y=400, mouth 90 px lower
 LANDMARKS = np.array([[450, 400], [550, 400], [500, 450], [460, 490], [540, 490]], float)

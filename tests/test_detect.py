@@ -7,10 +7,15 @@ import pytest
 from PIL import Image
 
 from facelora.config import Params, validate_params
-from facelora.faces import detect as detect_module
-from facelora.faces.backends import FaceBackend, make_backend
-from facelora.faces.detect import DetectOutputs, analyse_image, detect_shard, gather_detections
-from facelora.images import read_file
+from facelora.prepare.faces import detect as detect_module
+from facelora.prepare.faces.backends import FaceBackend, make_backend
+from facelora.prepare.faces.detect import (
+    DetectOutputs,
+    analyse_image,
+    detect_shard,
+    gather_detections,
+)
+from facelora.prepare.images import read_file
 
 
 def detect_folder(folder, out_dir, params=None, shards=1):

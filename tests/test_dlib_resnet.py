@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from facelora.config import DlibParams
-from facelora.faces.dlib_backend import CHIP_PADDING, CHIP_SIZE, DlibEmbedder, model_path
-from facelora.faces.dlib_resnet import DlibFaceResNet, DlibFormatError, load_layers, parse_weights
+from facelora.prepare.faces.dlib_backend import CHIP_PADDING, CHIP_SIZE, DlibEmbedder, model_path
+from facelora.prepare.faces.dlib_resnet import (
+    DlibFaceResNet,
+    DlibFormatError,
+    load_layers,
+    parse_weights,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from PIL import Image
 from facelora.config import validate_params
 from facelora.evaluate import report
 from facelora.evaluate.run import Evaluator, evaluate_group
-from facelora.final import build_final
 from facelora.models.tiny import make_tiny_model
+from facelora.release.final import build_final
 from facelora.train.checkpoint import list_checkpoints
 from facelora.train.loop import train_phase
 
@@ -145,7 +145,7 @@ def test_missing_corrupt_and_foreign_checkpoints_become_failed_rows(trained, tmp
 
 
 def test_nan_images_are_failures(trained, tmp_path, monkeypatch):
-    import facelora.train.sample as sample
+    import facelora.models.inference as sample
 
     _, params, validation = trained
     evaluator = Evaluator(params)
@@ -288,7 +288,7 @@ def test_reports_choice_and_final_lora(trained, tmp_path):
 
 
 def test_the_evaluation_table_marks_the_choice_and_unavailable_metrics(tmp_path):
-    from facelora.cli import format_evaluation
+    from facelora.workflow.cli import format_evaluation
 
     params = validate_params({"phases": [{"name": "one", "steps": 4}]})
     entry = {"identity_sim": 0.9, "lpips": None, "bg_ssim": 0.95, "clip_score": None}

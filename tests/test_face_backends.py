@@ -26,8 +26,8 @@ from facelora.config import (
     InsightfaceParams,
     UltralyticsParams,
 )
-from facelora.faces.backends import make_backend
-from facelora.faces.types import Detection, ModelFileMissing
+from facelora.prepare.faces.backends import make_backend
+from facelora.prepare.faces.types import Detection, ModelFileMissing
 
 # --- tiny ONNX models shaped like an InsightFace pack ---------------------------------------
 
@@ -172,7 +172,7 @@ def expected_face(col: int, row: int, scale: int = 2) -> tuple[np.ndarray, np.nd
 
 
 def test_insightface_missing_pack_names_settings(tmp_path):
-    from facelora.faces.insightface_backend import ArcFaceEmbedder, ScrfdDetector
+    from facelora.prepare.faces.insightface_backend import ArcFaceEmbedder, ScrfdDetector
 
     params = InsightfaceParams(root=str(tmp_path / "nowhere"))
     with pytest.raises(ModelFileMissing) as err:
@@ -188,7 +188,7 @@ def test_insightface_missing_pack_names_settings(tmp_path):
 
 
 def test_insightface_pack_without_recogniser(tmp_path):
-    from facelora.faces.insightface_backend import ArcFaceEmbedder, ScrfdDetector
+    from facelora.prepare.faces.insightface_backend import ArcFaceEmbedder, ScrfdDetector
 
     folder = make_pack(tmp_path)
     (folder / "w600k_r50.onnx").unlink()  # the decoys must not stand in for it
@@ -199,7 +199,7 @@ def test_insightface_pack_without_recogniser(tmp_path):
 
 
 def test_ultralytics_missing_weights_names_setting(tmp_path):
-    from facelora.faces.ultralytics_backend import YoloDetector
+    from facelora.prepare.faces.ultralytics_backend import YoloDetector
 
     with pytest.raises(ModelFileMissing, match=r"faces\.ultralytics\.weights: not set"):
         YoloDetector(UltralyticsParams())
@@ -215,7 +215,7 @@ def test_ultralytics_missing_weights_names_setting(tmp_path):
 
 
 def test_scrfd_finds_the_face_in_full_image_pixels(tmp_path):
-    from facelora.faces.insightface_backend import ScrfdDetector
+    from facelora.prepare.faces.insightface_backend import ScrfdDetector
 
     make_pack(tmp_path)
     detector = ScrfdDetector(InsightfaceParams(root=str(tmp_path), det_size=320))
@@ -234,7 +234,7 @@ def test_scrfd_finds_the_face_in_full_image_pixels(tmp_path):
 
 
 def test_scrfd_min_score_and_det_size(tmp_path):
-    from facelora.faces.insightface_backend import ScrfdDetector
+    from facelora.prepare.faces.insightface_backend import ScrfdDetector
 
     make_pack(tmp_path)
     # A dim red face (score sigmoid(12 * mean red)): kept or dropped by min_score alone.
@@ -252,7 +252,7 @@ def test_scrfd_min_score_and_det_size(tmp_path):
 
 @pytest.mark.parametrize("dim", [512, 128])
 def test_arcface_embeds_aligned_faces(tmp_path, dim):
-    from facelora.faces.insightface_backend import ArcFaceEmbedder, ScrfdDetector
+    from facelora.prepare.faces.insightface_backend import ArcFaceEmbedder, ScrfdDetector
 
     make_pack(tmp_path, dim=dim)
     params = InsightfaceParams(root=str(tmp_path), det_size=320)
@@ -276,7 +276,7 @@ def test_arcface_embeds_aligned_faces(tmp_path, dim):
 
 
 def test_arcface_takes_landmarks_from_dlib_when_missing(tmp_path):
-    from facelora.faces.insightface_backend import ArcFaceEmbedder
+    from facelora.prepare.faces.insightface_backend import ArcFaceEmbedder
 
     make_pack(tmp_path, decoys=False)
     embedder = ArcFaceEmbedder(InsightfaceParams(root=str(tmp_path)), DlibParams())
@@ -291,7 +291,7 @@ def test_arcface_takes_landmarks_from_dlib_when_missing(tmp_path):
 
 
 def test_pack_as_a_direct_folder_and_manifest(tmp_path, monkeypatch):
-    from facelora.faces.insightface_backend import ScrfdDetector, model_file
+    from facelora.prepare.faces.insightface_backend import ScrfdDetector, model_file
 
     folder = make_pack(tmp_path / "elsewhere", pack="mine", decoys=False)
     monkeypatch.chdir(tmp_path)  # a relative folder path, not a pack name under ROOT/models
@@ -344,7 +344,7 @@ REAL_PACKS = [p for p in ("buffalo_l", "buffalo_sc") if (INSIGHTFACE_HOME / p).i
 def test_real_insightface_pack():
     from skimage.data import astronaut
 
-    from facelora.faces.insightface_backend import ArcFaceEmbedder, ScrfdDetector
+    from facelora.prepare.faces.insightface_backend import ArcFaceEmbedder, ScrfdDetector
 
     params = InsightfaceParams(pack=REAL_PACKS[0])
     rgb = astronaut()  # 512x512, one face
@@ -387,7 +387,9 @@ def no_network(monkeypatch):
 def make_yolo(path: Path, tmp_path: Path, pose: bool, score: float | None = None) -> Path:
     """A YOLOv8n (detect, or pose with 5 keypoints) built from ultralytics' own yaml, random
     weights, saved as a .pt. With `score`, every anchor's class logit is fixed to that score."""
-    importlib.import_module("facelora.faces.ultralytics_backend")  # offline before ultralytics
+    importlib.import_module(
+        "facelora.prepare.faces.ultralytics_backend"
+    )  # offline before ultralytics
     import torch
     import ultralytics
     import yaml
@@ -428,7 +430,7 @@ def _check(detections, rgb, min_score: float, with_landmarks: bool) -> None:
 
 
 def test_yolo_pose_model_gives_landmarks_and_respects_min_score(tmp_path, no_network):
-    from facelora.faces.ultralytics_backend import YoloDetector
+    from facelora.prepare.faces.ultralytics_backend import YoloDetector
 
     weights = make_yolo(tmp_path / "face-pose.pt", tmp_path, pose=True, score=0.6)
     rgb = face_image([(3, 2)])
@@ -442,7 +444,7 @@ def test_yolo_pose_model_gives_landmarks_and_respects_min_score(tmp_path, no_net
 
 
 def test_yolo_detect_model_random_weights(tmp_path, no_network):
-    from facelora.faces.ultralytics_backend import YoloDetector
+    from facelora.prepare.faces.ultralytics_backend import YoloDetector
 
     weights = make_yolo(tmp_path / "face.pt", tmp_path, pose=False)
     rgb = (np.random.default_rng(1).random((240, 320, 3)) * 255).astype(np.uint8)
@@ -455,7 +457,7 @@ def test_yolo_detect_model_random_weights(tmp_path, no_network):
 def test_yolo_refuses_a_model_without_a_face_class(tmp_path):
     import torch
 
-    from facelora.faces.ultralytics_backend import YoloDetector
+    from facelora.prepare.faces.ultralytics_backend import YoloDetector
 
     weights = make_yolo(tmp_path / "coco.pt", tmp_path, pose=False)
     checkpoint = torch.load(weights, weights_only=False)
@@ -473,7 +475,7 @@ def refuse(*args, **kwargs):
     raise OSError("network disabled by the test")
 socket.getaddrinfo = refuse
 socket.socket.connect = refuse
-import facelora.faces.ultralytics_backend
+import facelora.prepare.faces.ultralytics_backend
 from ultralytics import utils
 print(json.dumps({"online": utils.ONLINE, "config": str(utils.USER_CONFIG_DIR),
                   "attempts": attempts}))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from facelora.config import validate_params
-from facelora.pairs.identity import cluster_identities, identity_pairs
+from facelora.prepare.pairs.identity import cluster_identities, identity_pairs
 
 from conftest import run_data_half
 

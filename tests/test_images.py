@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from facelora.config import ImagesParams
-from facelora.images import ImageRejected, read_image, scan_images
+from facelora.prepare.images import ImageRejected, read_image, scan_images
 
 
 @pytest.fixture

@@ -39,11 +39,11 @@ import torch
 from PIL import Image
 
 from facelora.config import validate_params
+from facelora.models import lora_io
+from facelora.models.inference import apply_lora, generate, load_pipeline, remove_lora
 from facelora.models.tiny import make_tiny_model
-from facelora.train import lora_io
 from facelora.train.checkpoint import list_checkpoints
 from facelora.train.loop import Trainer
-from facelora.train.sample import apply_lora, generate, load_pipeline, remove_lora
 
 SIZE = 64
 CAPTION = "EDITFACE paint a yellow square"

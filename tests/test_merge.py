@@ -12,14 +12,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train import write_pairs
 
-from facelora import merge
 from facelora.config import validate_params
+from facelora.io.safetensors_io import write
+from facelora.models import lora_io
+from facelora.models.adapters import load_adapter
 from facelora.models.lora_targets import target_modules_for
 from facelora.models.tiny import make_tiny_model
-from facelora.safetensors_io import write
-from facelora.train import lora_io
+from facelora.release import merge
 from facelora.train.checkpoint import list_checkpoints
-from facelora.train.families import load_adapter
 from facelora.train.loop import Trainer
 
 FAMILY = "qwen_image_edit"
@@ -51,7 +51,7 @@ def random_state(model, family, preset, rank: int, seed: int, widen: dict | None
 
 
 def deltas(state: dict, scale: dict | float) -> dict[str, torch.Tensor]:
-    """ΔW per module of a module-keyed state, computed independently of facelora.merge."""
+    """ΔW per module of a module-keyed state, computed independently of facelora.release.merge."""
     out = {}
     for key, a in state.items():
         if key.endswith(".lora_A.weight"):

@@ -1,4 +1,4 @@
-"""Evaluation metrics: identity, LPIPS, background SSIM, CLIP score (facelora.metrics).
+"""Evaluation metrics: identity, LPIPS, background SSIM, CLIP score (facelora.evaluate.metrics).
 
 Known cases run on scikit-image's astronaut (ships with the package); the ordering checks use
 the real photos in ../shared/faces (skipped when absent). LPIPS and CLIP are exercised with
@@ -22,7 +22,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from facelora.config import FacesParams
-from facelora.metrics import (
+from facelora.evaluate.metrics import (
     METRIC_NAMES,
     BackgroundSSIM,
     CLIPScore,
@@ -35,7 +35,7 @@ from facelora.metrics import (
     ssim_map,
     to_rgb,
 )
-from facelora.pairs.quality import face_mask
+from facelora.prepare.pairs.quality import face_mask
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

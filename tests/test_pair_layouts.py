@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from facelora.config import PairSource
-from facelora.pairs.layouts import discover
+from facelora.prepare.pairs.layouts import discover
 
 EXT = [".jpg", ".jpeg", ".png", ".webp"]
 

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from facelora.config import Params, validate_params
-from facelora.faces.align import face_frame
-from facelora.faces.backends import make_backend
-from facelora.sample_data import warmer_skin
+from facelora.prepare.faces.align import face_frame
+from facelora.prepare.faces.backends import make_backend
+from facelora.prepare.sample_data import warmer_skin
 
 from conftest import run_data_half
 

@@ -1,6 +1,6 @@
 """The demo dataset: built from installed packages only, deterministic, all layouts."""
 
-from facelora.sample_data import build_sample_data
+from facelora.prepare.sample_data import build_sample_data
 
 
 def test_sample_data_is_deterministic(tmp_path, sample_raw):

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from facelora.config import PhaseParams, validate_params
-from facelora.datasets import read_manifest
-from facelora.phases import PhaseEmpty, select_phase
-from facelora.split import assign_split
+from facelora.io.datasets import read_manifest
+from facelora.prepare.phases import PhaseEmpty, select_phase
+from facelora.prepare.split import assign_split
 
 
 def _pairs(n=20, seed=0):

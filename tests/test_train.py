@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from facelora.config import validate_params
-from facelora.train import lora_io
+from facelora.models import lora_io
+from facelora.models.adapters import ModelRefused, check_model_folder, load_adapter
 from facelora.train.checkpoint import list_checkpoints
-from facelora.train.families import ModelRefused, check_model_folder, load_adapter
 from facelora.train.loop import Trainer, TrainingDiverged, train_phase
 from facelora.train.optim import lr_lambda
 from facelora.train.sampling import noisy_latents, sample_sigmas
@@ -98,7 +98,7 @@ def test_training_predicts_exactly_what_the_pipeline_computes(tmp_path, tiny_mod
     ids, sigma as the timestep) gives the pipeline's own call at inference, for the same noisy
     latents at the pipeline's first sigma: a wrong timestep scale, conditioning or packing
     would differ."""
-    from facelora.train.sample import generate
+    from facelora.models.inference import generate
 
     data = write_pairs(tmp_path / "data", n=1)
     params = settings(family, tiny_models[family], steps=1)
@@ -453,7 +453,7 @@ def test_a_lora_of_another_size_or_architecture_is_refused(tmp_path, tiny_models
 
 
 def test_safetensors_files_are_byte_reproducible(tmp_path):
-    from facelora import safetensors_io
+    from facelora.io import safetensors_io
 
     tensors = {
         "b.weight": torch.arange(6.0).reshape(2, 3),

@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from tiny_vlm import IMAGE_TOKENS, LAYOUTS, build_tiny_qwen2_5_vl
 
-from facelora.captions import caption_pairs
 from facelora.config import VlmParams, validate_params
-from facelora.faces.types import ModelFileMissing
-from facelora.pairs.score import PAIRS
-from facelora.tables import read_rows
-from facelora.vlm import VlmCaptioner
+from facelora.io.tables import read_rows
+from facelora.prepare.captions import caption_pairs
+from facelora.prepare.faces.types import ModelFileMissing
+from facelora.prepare.pairs.score import PAIRS
+from facelora.prepare.vlm import VlmCaptioner
 
 PAIR = {"pair_id": "p1", "start_crop": "images/p1_start.png", "end_crop": "images/p1_end.png"}
 

@@ -1,3 +1,3 @@
-from facelora.cli import main
+from facelora.workflow.cli import main
 
 raise SystemExit(main())

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from facelora.atomic import atomic_path, write_csv, write_json
 from facelora.config import EVAL_METRICS, Params
 from facelora.evaluate.run import BASE, COLUMNS, lora_file
+from facelora.io.atomic import atomic_path, write_csv, write_json
 
 
 def gather(tables: list[Path]) -> pd.DataFrame:
@@ -154,7 +154,7 @@ def contact_sheet(
     phase: str, frame: pd.DataFrame, eval_root: Path, validation: Path, out: Path, tile: int = 128
 ) -> None:
     """One row per validation pair: source | target | base | each checkpoint's output."""
-    from facelora.datasets import read_manifest
+    from facelora.io.datasets import read_manifest
 
     rows = frame[frame["phase"] == phase]
     base = frame[frame["phase"] == BASE]

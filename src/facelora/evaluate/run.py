@@ -19,14 +19,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from facelora.atomic import write_csv, write_json, write_png
-from facelora.captions import strip_trigger
 from facelora.config import EVAL_METRICS, Params
-from facelora.datasets import read_manifest
-from facelora.progress import progress
-from facelora.train import lora_io
+from facelora.io.atomic import write_csv, write_json, write_png
+from facelora.io.datasets import read_manifest
+from facelora.io.progress import progress
+from facelora.models import lora_io
+from facelora.models.adapters import resolve_device
+from facelora.prepare.captions import strip_trigger
 from facelora.train.checkpoint import checkpoint_dir
-from facelora.train.families import resolve_device
 
 log = logging.getLogger(__name__)
 BASE = "base"  # the phase name of the reference rows: the model without any LoRA
@@ -102,14 +102,14 @@ def _check_lora(path: Path, transformer) -> str | None:
 
 class Evaluator:
     def __init__(self, params: Params, metrics=None):
-        from facelora.train.sample import load_pipeline
+        from facelora.models.inference import load_pipeline
 
         self.params = params
         device = resolve_device(params.model.device)
         model = params.model
         self.pipe = load_pipeline(model.family, model.path, model.dtype, device, model.quantize)
         if metrics is None:
-            from facelora.metrics import MetricSuite, settings_from_params
+            from facelora.evaluate.metrics import MetricSuite, settings_from_params
 
             metrics = MetricSuite(settings_from_params(params))
         self.metrics = metrics
@@ -134,7 +134,7 @@ class Evaluator:
         self, phase: str, step: int, lora: Path | None, pairs: list[ValidationPair], out: Path
     ) -> list[dict]:
         """Rows for one checkpoint (lora None: the base model)."""
-        from facelora.train.sample import apply_lora, generate, remove_lora
+        from facelora.models.inference import apply_lora, generate, remove_lora
 
         e = self.params.eval
         weights = "none" if lora is None else ("ema" if e.use_ema else "raw")

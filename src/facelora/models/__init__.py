@@ -1,1 +1,2 @@
-"""Model-side helpers: LoRA target modules and training plans for the supported transformers."""
+"""The model layer every stage shares: family adapters, loading (quantized or not), LoRA files,
+sampling with the pipeline, tiny offline models, LoRA targets and training plans."""

@@ -29,7 +29,7 @@ BLOCK_ACTIVATION_BYTES = 34  # per token per hidden unit for one recomputed bloc
 OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS workspaces, allocator fragmentation
 SAFETENSORS_DTYPES = {1: "F8_E4M3", 2: "BF16", 4: "F32", 8: "F64"}
 # Bytes per weight of the transformer blocks' Linears by model.quantize, and per output row
-# (scales): bf16; float8 + an fp32 scale per row (facelora.train.fp8); LLM.int8 + an fp32
+# (scales): bf16; float8 + an fp32 scale per row (facelora.models.fp8); LLM.int8 + an fp32
 # absmax per row; nf4 at 4 bits + an absmax per 64 weights (bitsandbytes' default blocks).
 QUANTIZED_WEIGHT_BYTES = {"none": 2.0, "fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}
 QUANTIZED_ROW_BYTES = {"none": 0, "fp8": 4, "int8": 4, "nf4": 0}

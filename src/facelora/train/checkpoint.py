@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from facelora.train import lora_io
+from facelora.models import lora_io
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from facelora.progress import progress
-from facelora.train.families import FamilyAdapter, to_pixels
+from facelora.io.progress import progress
+from facelora.models.adapters import FamilyAdapter, to_pixels
 
 CACHE_VERSION = "1"  # bump when the encoding code changes meaning
 

@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 from facelora.config import Params
+from facelora.models.lora_io import DIFFUSERS_WEIGHTS
 from facelora.train.checkpoint import list_checkpoints
-from facelora.train.lora_io import DIFFUSERS_WEIGHTS
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facelora.atomic import write_json
 from facelora.config import Params
-from facelora.progress import progress
-from facelora.train import checkpoint, fsdp, lora_io
+from facelora.io.atomic import write_json
+from facelora.io.progress import progress
+from facelora.models import lora_io
+from facelora.models.adapters import MAX_REFERENCES, FamilyAdapter, load_adapter, resolve_device
+from facelora.train import checkpoint, fsdp
 from facelora.train.data import EncodingCache, Sample, read_phase, read_regularization
-from facelora.train.families import MAX_REFERENCES, FamilyAdapter, load_adapter, resolve_device
 from facelora.train.optim import make_optimizer, make_scheduler
 from facelora.train.sampling import noisy_latents, sample_sigmas
 

@@ -1,0 +1,86 @@
+"""On-disk training datasets: the Kontext layout plus a JSONL manifest.
+
+    DIR/<pair_id>_start.png    the image before the edit (control)
+    DIR/<pair_id>_start2.png   face reference(s), when the pair has them (.._start4)
+    DIR/<pair_id>_end.png      the image after the edit (target)
+    DIR/<pair_id>.txt          the caption
+    DIR/manifest.jsonl         one JSON object per pair: files, caption, scores
+
+Files are hard links to the pair crops (no extra disk) where the filesystem allows. The folder
+is built beside the target and renamed into place, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+from facelora.config import SCORE_COLUMNS
+from facelora.io.atomic import link_or_copy, write_text
+
+MANIFEST = "manifest.jsonl"
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):
+        return _clean(value.item())
+    return value
+
+
+def write_kontext_dataset(
+    dest: str | Path,
+    pairs: list[dict],
+    pairs_dir: str | Path,
+    extra_files: dict[str, str] | None = None,
+) -> int:
+    """Write pairs (rows of pairs.parquet joined with their caption) as a Kontext folder."""
+    dest, pairs_dir = Path(dest), Path(pairs_dir)
+    building = dest.with_name(f".{dest.name}.building")
+    if building.exists():
+        shutil.rmtree(building)
+    building.mkdir(parents=True)
+    lines = []
+    for pair in sorted(pairs, key=lambda p: p["pair_id"]):
+        stem = pair["pair_id"]
+        files = {"start": f"{stem}_start.png", "end": f"{stem}_end.png"}
+        link_or_copy(pairs_dir / pair["start_crop"], building / files["start"])
+        link_or_copy(pairs_dir / pair["end_crop"], building / files["end"])
+        refs = []
+        for k, ref in enumerate(pair.get("reference_crops") or [], start=2):
+            refs.append(f"{stem}_start{k}.png")
+            link_or_copy(pairs_dir / ref, building / refs[-1])
+        write_text(building / f"{stem}.txt", pair["caption"] + "\n")
+        lines.append(
+            json.dumps(
+                {
+                    "pair_id": stem,
+                    "start": files["start"],
+                    "end": files["end"],
+                    "references": refs,
+                    "caption": pair["caption"],
+                    "layout": pair["layout"],
+                    "source": pair["source"],
+                    "start_image": pair["start"],
+                    "end_image": pair["end"],
+                    "scores": {k: _clean(pair.get(k)) for k in SCORE_COLUMNS},
+                },
+                sort_keys=True,
+            )
+        )
+    write_text(building / MANIFEST, "".join(line + "\n" for line in lines))
+    for name, text in (extra_files or {}).items():
+        write_text(building / name, text)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(building, dest)
+    return len(lines)
+
+
+def read_manifest(folder: str | Path) -> list[dict]:
+    path = Path(folder) / MANIFEST
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

@@ -1,0 +1,188 @@
+"""The pair index: every candidate pair from every layout, checked against the detect tables.
+
+Cheap and global (one job): layouts are read, files are checked (decodable, not identical,
+not a duplicate pair), photos outside any layout are paired by identity when enabled, and every
+file left over is listed with the reason. Scoring the pairs (images) is sharded afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from facelora.config import Params
+from facelora.io.atomic import write_csv, write_parquet
+from facelora.io.naming import short_hash
+from facelora.io.tables import CROPS, FACES, IMAGES, read_table
+from facelora.prepare.pairs.identity import identity_pairs
+from facelora.prepare.pairs.layouts import Discovery, PairCandidate, discover
+
+log = logging.getLogger(__name__)
+
+INDEX = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("layout", pa.string()),
+        ("source", pa.string()),
+        ("start", pa.string()),
+        ("end", pa.string()),
+        ("references", pa.list_(pa.string())),
+        ("start_face", pa.int32()),
+        ("end_face", pa.int32()),
+        ("reference_faces", pa.list_(pa.int32())),
+        ("caption", pa.string()),
+        ("caption_source", pa.string()),
+        ("start_sha256", pa.string()),
+        ("end_sha256", pa.string()),
+    ]
+)
+
+REJECTED_COLUMNS = ["pair_id", "image", "start", "end", "reason"]
+
+
+def pair_id(c: PairCandidate) -> str:
+    key = "|".join([c.layout, c.start, c.end, *c.references, str(c.start_face), str(c.end_face)])
+    return "p" + short_hash(key, 12)
+
+
+def _reject(reason: str, c: PairCandidate | None = None, image: str | None = None) -> dict:
+    return {
+        "pair_id": pair_id(c) if c else None,
+        "image": image if image is not None else (c.source if c else None),
+        "start": c.start if c else None,
+        "end": c.end if c else None,
+        "reason": reason,
+    }
+
+
+def _check_files(c: PairCandidate, images: dict[str, dict]) -> str | None:
+    for role, rel in [("start", c.start), ("end", c.end)] + [
+        (f"reference {i + 1}", r) for i, r in enumerate(c.references)
+    ]:
+        row = images.get(rel)
+        if row is None:
+            return (
+                f"{role} image {rel} was not seen by detect (extension not in images.extensions?)"
+            )
+        if row["sha256"] is None:  # not decodable; "no face" alone is fine, scoring decides
+            return f"{role} image {rel} rejected at detect: {row['reason']}"
+    if images[c.start]["sha256"] == images[c.end]["sha256"]:
+        return "start and end are the same image (identical files, no edit)"
+    return None
+
+
+def _identity_candidates(
+    unclaimed: list[str], faces: pd.DataFrame, crops: pd.DataFrame, images: dict, params: Params
+) -> tuple[list[PairCandidate], set[str]]:
+    settings = params.pairs.auto_identity
+    ok = crops.loc[crops["status"] == "ok", ["image", "face_index"]]
+    nodes = faces.merge(ok, on=["image", "face_index"])
+    nodes = nodes[nodes["image"].isin(set(unclaimed))].reset_index(drop=True)
+    nodes = nodes[nodes["image"].map(lambda r: images[r]["duplicate_of"] is None)]
+    nodes = nodes.reset_index(drop=True)
+    if nodes.empty:
+        return [], set()
+    found = identity_pairs(
+        np.stack(nodes["embedding"].to_numpy()),
+        nodes["image"].tolist(),
+        [images[r]["sha256"] for r in nodes["image"]],
+        params.faces.same_person,
+        settings.near_duplicate,
+        settings.max_references,
+        settings.max_pairs_per_identity,
+    )
+    candidates, used = [], set()
+    for start, end, refs, sim in found:
+        s, e = nodes.iloc[start], nodes.iloc[end]
+        candidates.append(
+            PairCandidate(
+                layout="auto_identity",
+                source=f"auto_identity:similarity={sim:.3f}",
+                start=s["image"],
+                end=e["image"],
+                references=[nodes.iloc[r]["image"] for r in refs],
+                start_face=int(s["face_index"]),
+                end_face=int(e["face_index"]),
+                reference_faces=[int(nodes.iloc[r]["face_index"]) for r in refs],
+            )
+        )
+        used.update([s["image"], e["image"]] + [nodes.iloc[r]["image"] for r in refs])
+    return candidates, used
+
+
+def build_index(
+    raw_dir: str | Path,
+    images_path: str | Path,
+    faces_path: str | Path,
+    crops_path: str | Path,
+    params: Params,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(index, rejected): one row per candidate pair; one row per rejected pair or file."""
+    images_frame = read_table(images_path, IMAGES)
+    images = {r["image"]: r for r in images_frame.to_dict("records")}
+    for r in images.values():  # pandas gives NaN for missing strings
+        for k in ("sha256", "duplicate_of", "reason"):
+            r[k] = r[k] if isinstance(r[k], str) else None
+    found: Discovery = discover(raw_dir, params.pairs.sources, params.images.extensions)
+    rejected = [_reject(r["reason"], image=r["image"]) for r in found.rejected]
+    claimed = {r["image"] for r in found.rejected}
+    rows, seen_content = [], {}
+    for c in found.candidates:
+        claimed.update([c.start, c.end, *c.references])
+        reason = _check_files(c, images)
+        if reason is None:
+            content = (
+                images[c.start]["sha256"],
+                images[c.end]["sha256"],
+                tuple(images[r]["sha256"] for r in c.references),
+            )
+            if content in seen_content:
+                reason = f"duplicate of pair {seen_content[content]} (same image contents)"
+            else:
+                seen_content[content] = pair_id(c)
+        if reason:
+            rejected.append(_reject(reason, c))
+        else:
+            rows.append(c)
+    unclaimed = sorted(set(images) - claimed)
+    if params.pairs.auto_identity.enabled and unclaimed:
+        faces = read_table(faces_path, FACES)
+        crops = read_table(crops_path, CROPS)
+        auto, used = _identity_candidates(unclaimed, faces, crops, images, params)
+        rows.extend(auto)
+        why = "no other photo of the same person with a usable face (pairs.auto_identity)"
+        for rel in unclaimed:
+            if rel not in used and images[rel]["status"] == "ok":
+                rejected.append(_reject(why, image=rel))
+    else:
+        hint = "not part of any pair (no _start/_end name, control folder or manifest row)"
+        for rel in unclaimed:
+            if images[rel]["status"] == "ok":
+                rejected.append(_reject(hint, image=rel))
+    index = pd.DataFrame(
+        [
+            {
+                **asdict(c),
+                "pair_id": pair_id(c),
+                "start_sha256": images[c.start]["sha256"],
+                "end_sha256": images[c.end]["sha256"],
+            }
+            for c in rows
+        ],
+        columns=INDEX.names,
+    )
+    index = index.sort_values("pair_id", kind="stable").reset_index(drop=True)
+    rejected_frame = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
+    return index, rejected_frame
+
+
+def write_index(index: pd.DataFrame, rejected: pd.DataFrame, out: str | Path) -> None:
+    out = Path(out)
+    write_parquet(out, pa.Table.from_pandas(index, schema=INDEX, preserve_index=False))
+    write_csv(out.with_name("index_rejected.csv"), rejected)
+    log.info("pair index: %d candidates, %d rejected", len(index), len(rejected))

@@ -1,0 +1,150 @@
+"""The data half at a glance: counts at every step, rejection reasons, score histograms.
+
+Writes results/phases/summary.json, results/phases/funnel.png (how many files survive each
+step) and results/phases/scores.png (each score's histogram, one colour per phase).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from facelora.config import SCORE_COLUMNS, Params
+from facelora.io.atomic import atomic_path, write_json
+from facelora.io.datasets import read_manifest
+
+
+def _reason_kind(reason: str) -> str:
+    """Group similar reasons: keep the wording, drop detail, names and numbers."""
+    text = str(reason).split(" (")[0].split("; ")[0]
+    text = re.sub(r"\bp[0-9a-f]{12}\b", "PAIR", text)
+    text = re.sub(r"[^\s:]*\.(jpg|jpeg|png|webp|txt|csv|jsonl)\b", "FILE", text, flags=re.I)
+    text = re.sub(r"\b\d+(\.\d+)?\b", "N", text)
+    return " ".join(text.split())
+
+
+def _reasons(frame: pd.DataFrame) -> dict[str, int]:
+    if frame.empty:
+        return {}
+    return dict(Counter(_reason_kind(r) for r in frame["reason"]).most_common())
+
+
+def collect(results: Path, params: Params) -> dict:
+    images = pd.read_parquet(results / "faces" / "images.parquet")
+    crops = pd.read_parquet(results / "crops" / "crops.parquet")
+    pairs = pd.read_parquet(results / "pairs" / "pairs.parquet")
+    captions = pd.read_parquet(results / "captions" / "captions.parquet")
+    split = pd.read_parquet(results / "split" / "split.parquet")
+    pair_rejects = pd.read_csv(results / "pairs" / "rejected.csv", keep_default_na=False)
+    phases = {}
+    for name in params.phase_names:
+        folder = results / "phases" / name
+        if (folder / "phase.json").is_file():
+            phases[name] = json.loads((folder / "phase.json").read_text())
+    return {
+        "funnel": {
+            "files": len(images),
+            "images_with_faces": int((images["status"] == "ok").sum()),
+            "faces": int(images["n_faces"].sum()),
+            "face_crops": int((crops["status"] == "ok").sum()),
+            "pairs_scored": len(pairs),
+            "pairs_usable": int((pairs["status"] == "ok").sum()),
+            "pairs_captioned": int((captions["status"] == "ok").sum()),
+            "train": int((split["split"] == "train").sum()),
+            "validation": int((split["split"] == "validation").sum()),
+            **{f"phase:{n}": p["selected"] for n, p in phases.items()},
+        },
+        "rejected": {
+            "images": _reasons(images[images["status"] == "rejected"]),
+            "crops": _reasons(crops[crops["status"] == "rejected"]),
+            "pairs": _reasons(pair_rejects),
+            "captions": _reasons(captions[captions["status"] == "rejected"]),
+        },
+        "duplicates": int(images["duplicate_of"].notna().sum()),
+        "phases": phases,
+    }
+
+
+def plot_funnel(funnel: dict[str, int], out: Path) -> None:
+    names, values = list(funnel), list(funnel.values())
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    bars = ax.barh(names[::-1], values[::-1], color="#4c78a8")
+    ax.bar_label(bars, padding=3)
+    ax.set_xlabel("count")
+    ax.set_title("facelora data funnel")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_scores(results: Path, params: Params, out: Path) -> None:
+    pairs = pd.read_parquet(results / "pairs" / "pairs.parquet")
+    pairs = pairs[pairs["status"] == "ok"]
+    groups = {"all usable pairs": pairs}
+    for name in params.phase_names:
+        folder = results / "phases" / name
+        if (folder / "manifest.jsonl").is_file():
+            ids = {m["pair_id"] for m in read_manifest(folder)}
+            groups[name] = pairs[pairs["pair_id"].isin(ids)]
+    scores = [c for c in SCORE_COLUMNS if pairs[c].notna().any()] or ["quality"]
+    cols = 3
+    rows = int(np.ceil(len(scores) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, score in zip(axes.flat, scores, strict=False):
+        values = pairs[score].dropna().astype(float)
+        bins = np.histogram_bin_edges(values, bins=20) if len(values) else 10
+        for i, (label, frame) in enumerate(groups.items()):
+            v = frame[score].dropna().astype(float)
+            if not len(v):
+                continue
+            if i == 0:  # all pairs: a light filled background, phases as outlines on top
+                ax.hist(v, bins=bins, color="#d9d9d9", label=f"{label} ({len(v)})")
+            else:
+                ax.hist(
+                    v,
+                    bins=bins,
+                    histtype="step",
+                    linewidth=1.8,
+                    color=f"C{i - 1}",
+                    label=f"{label} ({len(v)})",
+                )
+        better = "higher" if SCORE_COLUMNS[score] else "lower"
+        ax.set_title(f"{score} ({better} is better)", fontsize=10)
+    for ax in list(axes.flat)[len(scores) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("pair scores by phase")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_summary(results: str | Path, params: Params, out_dir: str | Path) -> dict:
+    results, out_dir = Path(results), Path(out_dir)
+    summary = collect(results, params)
+    write_json(out_dir / "summary.json", summary, sort_keys=False)
+    plot_funnel(summary["funnel"], out_dir / "funnel.png")
+    plot_scores(results, params, out_dir / "scores.png")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["facelora data summary", ""]
+    width = max(len(k) for k in summary["funnel"])
+    lines += [f"  {k:<{width}}  {v}" for k, v in summary["funnel"].items()]
+    for step, reasons in summary["rejected"].items():
+        if reasons:
+            lines += ["", f"rejected {step}:"]
+            lines += [f"  {n:>5}  {reason}" for reason, n in reasons.items()]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""What leaves the workflow: the final LoRA, merges and its export layouts."""

@@ -1,0 +1,152 @@
+"""The final LoRA: the chosen checkpoint of the last phase, in both key layouts, with a model
+card that says what made it (base model, data, settings, metrics, the choice of each phase).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from facelora.config import EVAL_METRICS, Params
+from facelora.io.atomic import write_json, write_text
+from facelora.models import lora_io
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "absent"
+
+
+def data_version(results: Path, params: Params) -> dict:
+    """Content hashes of what the LoRA was trained and judged on."""
+    out = {"images_table": _file_digest(results / "faces" / "images.parquet")}
+    for phase in params.phase_names:
+        out[f"phase:{phase}"] = _file_digest(results / "phases" / phase / "manifest.jsonl")
+    out["validation"] = _file_digest(results / "validation" / "manifest.jsonl")
+    return out
+
+
+def base_metrics(results: Path) -> dict:
+    """The model without LoRA on the same pairs (the reference the card compares with)."""
+    summary = results / "eval" / "summary.json"
+    if not summary.is_file():
+        return {}
+    base = json.loads(summary.read_text()).get("base", {})
+    entry = next(iter(base.values()), {})
+    return {k: entry.get(k) for k in EVAL_METRICS}
+
+
+def build_final(params: Params, results: Path, out: Path) -> dict:
+    last = params.phase_names[-1]
+    choice = json.loads((results / "eval" / "phases" / last / "best.json").read_text())
+    source = Path(choice["lora"])
+    tensors, meta = lora_io.read_lora(source)
+    alpha = float(meta.get("lora_alpha", params.lora.scale_alpha))
+    out.mkdir(parents=True, exist_ok=True)
+    building = out.parent / f".{out.name}.building"
+    if building.exists():
+        shutil.rmtree(building)
+    building.mkdir(parents=True)
+    compression = None
+    if params.final.merge_rank:  # smaller file: the LoRA's delta, truncated by SVD
+        from facelora.release.merge import compress, merge_loras, pipeline_class_for, save_merged
+
+        merged = merge_loras([(source, 1.0)], family=params.model.family)
+        merged, compression = compress(merged, params.final.merge_rank)
+        save_merged(merged, building, pipeline_class_for(params.model.family))
+    else:
+        shutil.copyfile(source, building / lora_io.DIFFUSERS_WEIGHTS)
+        lora_io.save_comfyui(building, tensors, alpha)
+    if params.final.fuse:  # deployment without peft: the transformer with the LoRA added
+        from facelora.release.merge import fuse_and_save
+
+        fuse_and_save(
+            params.model.family,
+            params.model.path,
+            building / lora_io.DIFFUSERS_WEIGHTS,
+            building / "transformer_fused",
+        )
+    choices = {}
+    for phase in params.phase_names:
+        best = results / "eval" / "phases" / phase / "best.json"
+        if best.is_file():
+            c = json.loads(best.read_text())
+            choices[phase] = {k: c[k] for k in ("step", "score", "reason", "weights")}
+    chosen = next(t for t in choice["checkpoints"] if t["step"] == choice["step"])
+    info = {
+        "base_model": {
+            "family": params.model.family,
+            "path": params.model.path,
+            "model_index": _file_digest(Path(params.model.path) / "model_index.json"),
+        },
+        "lora": {
+            "source": str(source),
+            "rank": params.lora.rank,
+            "alpha": alpha,
+            "preset": params.lora.preset,
+            "sha256": _file_digest(source),
+        },
+        "data": data_version(results, params),
+        "metrics": {k: chosen.get(k) for k in EVAL_METRICS},
+        "base_metrics": base_metrics(results),
+        "choices": choices,
+        "compression": None
+        if compression is None
+        else {
+            "rank": params.final.merge_rank,
+            "relative_error": compression["overall"]["relative_error"],
+            "energy_kept": compression["overall"]["energy_kept"],
+        },
+    }
+    write_json(building / "final.json", info)
+    write_text(building / "README.md", model_card(info, params))
+    if out.exists():
+        shutil.rmtree(out)
+    building.rename(out)
+    return info
+
+
+def model_card(info: dict, params: Params) -> str:
+    settings = yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+    lines = [
+        "# facelora LoRA",
+        "",
+        f"Base model: `{info['base_model']['family']}` from `{info['base_model']['path']}` "
+        f"(model_index {info['base_model']['model_index']}).",
+        f"Trigger word: `{params.captions.trigger}`; LoRA rank {info['lora']['rank']}, "
+        f"alpha {info['lora']['alpha']}, preset {info['lora']['preset']}.",
+        "",
+        "Files: `pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights(...)`), "
+        "`lora_comfyui.safetensors` (ComfyUI)"
+        + (
+            ", `transformer_fused/` (the LoRA fused into the transformer)."
+            if params.final.fuse
+            else "."
+        ),
+        "",
+        "## Validation metrics of this checkpoint (base model without LoRA in brackets)",
+        "",
+        *[f"- {k}: {v} ({info['base_metrics'].get(k)})" for k, v in info["metrics"].items()],
+        "",
+        "## How each phase's checkpoint was chosen",
+        "",
+        *[
+            f"- {p}: step {c['step']} ({c['weights']}), score {c['score']}: {c['reason']}"
+            for p, c in info["choices"].items()
+        ],
+        "",
+        "## Data (content hashes)",
+        "",
+        *[f"- {k}: {v}" for k, v in info["data"].items()],
+        "",
+        "## Settings (params.yaml)",
+        "",
+        "```yaml",
+        settings.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,663 @@
+"""The `facelora` command: one subcommand per workflow step (each Snakemake rule runs one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from facelora import __version__
+from facelora.config import ParamsError, load_params
+
+log = logging.getLogger("facelora")
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one message, without a traceback."""
+
+
+def _add_shard(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--shard", help="INDEX/COUNT: handle only this shard (0-based), e.g. 0/4")
+    p.add_argument("--shard-out", type=Path, help=out_help)
+    p.add_argument("--workers", type=int, default=None, help="processes (workflow.workers)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facelora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"facelora {__version__}")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="settings file (default: params.yaml)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("params", help="validate params.yaml and print every setting")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = sub.add_parser("sample-data", help="build the demo's raw dataset (no download)")
+    p.add_argument("dest", type=Path)
+
+    p = sub.add_parser("detect", help="find, landmark and embed faces in every photo")
+    p.add_argument("images_dir", type=Path)
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="faces table (.parquet); images.parquet and rejected.csv go beside it",
+    )
+    p.add_argument("--images-out", type=Path, help="with --shard: this shard's images table")
+    p.add_argument("--shard", help="INDEX/COUNT: only this shard, write shard tables")
+    p.add_argument("--workers", type=int, default=None)
+
+    p = sub.add_parser("crop", help="cut an aligned square crop of every usable face")
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--faces", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+    _add_shard(p, "with --shard: this shard's crops table")
+
+    p = sub.add_parser("pair-index", help="list candidate pairs from every layout")
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--faces", type=Path, required=True)
+    p.add_argument("--crops", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("pair", help="choose faces, cut aligned pair crops, score every pair")
+    p.add_argument("--index", type=Path, required=True)
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--faces", type=Path, required=True)
+    p.add_argument("--crops", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+    _add_shard(p, "with --shard: this shard's pairs table")
+
+    p = sub.add_parser("gather", help="merge shard tables into the final tables")
+    p.add_argument("kind", choices=["faces", "crops", "pairs"])
+    p.add_argument("shards", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="faces: the faces table to write")
+    p.add_argument("--out-dir", type=Path, help="crops, pairs: the step's folder")
+    p.add_argument("--index", type=Path, help="pairs: the pair index (for its rejects)")
+
+    p = sub.add_parser("caption", help="caption every usable pair and lint the captions")
+    p.add_argument("--pairs", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("split", help="hold out a seeded validation split of pairs")
+    p.add_argument("--pairs", type=Path, required=True)
+    p.add_argument("--captions", type=Path, required=True)
+    p.add_argument("--faces", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--validation-dir", type=Path, required=True)
+
+    p = sub.add_parser("select", help="write one phase's dataset (Kontext layout)")
+    p.add_argument("phase")
+    p.add_argument("--pairs", type=Path, required=True)
+    p.add_argument("--captions", type=Path, required=True)
+    p.add_argument("--split", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("train", help="train one phase's LoRA (resumes from its last checkpoint)")
+    p.add_argument("phase")
+    p.add_argument("--data", type=Path, required=True, help="the phase's dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="the phase's training folder")
+    p.add_argument(
+        "--train-root",
+        type=Path,
+        default=None,
+        help="where earlier phases trained (default: the parent of --out)",
+    )
+    p.add_argument("--eval-root", type=Path, default=None, help="default: RESULTS/eval")
+    p.add_argument("--cache", type=Path, default=None, help="default: RESULTS/cache")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="data-parallel processes (GPUs) per node; >1 relaunches under accelerate/torchrun",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="nodes of the Slurm job (>1: srun starts one accelerate launcher per node)",
+    )
+
+    p = sub.add_parser("evaluate", help="generate and score the validation edits of checkpoints")
+    p.add_argument("phase", help="a phase name, or `base` for the model without a LoRA")
+    p.add_argument("--group", type=int, default=None, help="which eval job of the phase")
+    p.add_argument("--validation", type=Path, required=True)
+    p.add_argument("--train-dir", type=Path, default=None, help="the phase's training folder")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("choose", help="pick the best checkpoint of a phase (best.json)")
+    p.add_argument("phase")
+    p.add_argument("--eval-root", type=Path, required=True)
+    p.add_argument("--train-root", type=Path, required=True)
+
+    p = sub.add_parser("eval-report", help="all rows, per-checkpoint means, plots, sheets")
+    p.add_argument("--eval-root", type=Path, required=True)
+    p.add_argument("--validation", type=Path, required=True)
+
+    p = sub.add_parser("final", help="the final LoRA (last phase's choice) and its model card")
+    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("merge", help="merge LoRAs by weight (exact), optionally SVD-compressed")
+    p.add_argument("inputs", nargs="+", help="LoRA files or checkpoint folders, each PATH[:WEIGHT]")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write")
+    p.add_argument("--rank", type=int, default=None, help="compress to this rank (SVD)")
+    p.add_argument("--no-normalize", action="store_true", help="keep the weights as given")
+    p.add_argument(
+        "--fuse-into",
+        type=Path,
+        default=None,
+        help="a model folder: also write OUT/transformer_fused, its transformer with the merge in",
+    )
+    p.add_argument(
+        "--family",
+        choices=["qwen_image_edit", "flux2_klein"],
+        default=None,
+        help="default: model.family",
+    )
+
+    p = sub.add_parser("make-tiny-model", help="a tiny random model of a family (demo, tests)")
+    p.add_argument("family", choices=["qwen_image_edit", "flux2_klein"])
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("plan", help="LoRA size and training memory per preset and rank")
+    p.add_argument("model", type=Path, help="a model folder or a transformer config.json")
+    p.add_argument(
+        "--family",
+        choices=["qwen_image_edit", "flux2_klein"],
+        help="default: from the config's class name",
+    )
+    p.add_argument("--presets", help="comma-separated (default: every preset of the family)")
+    p.add_argument("--ranks", default="16,32,64,128", help="comma-separated LoRA ranks")
+    p.add_argument("--blocks", help="comma-separated block indices (flux2_klein preset blocks)")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument(
+        "--quantize",
+        choices=["none", "fp8", "int8", "nf4"],
+        default="none",
+        help="the frozen blocks' weights as model.quantize stores them (default: bf16)",
+    )
+    p.add_argument(
+        "--dtype-bytes",
+        type=int,
+        default=2,
+        choices=[2, 4],
+        help="LoRA file dtype: 2 (bf16) or 4 (fp32)",
+    )
+
+    sub.add_parser(
+        "snakemake",
+        help="snakemake ARGS with --profile from params.yaml's workflow.profile (dvc.yaml)",
+        add_help=False,
+    )
+
+    p = sub.add_parser("summary", help="counts, rejection reasons and score plots")
+    p.add_argument("--results", type=Path, default=None, help="default: paths.results")
+    p.add_argument("--out-dir", type=Path, default=None, help="default: RESULTS/summary")
+    p.add_argument("--print-only", action="store_true", help="print the last summary.json")
+    return parser
+
+
+def _shard(text: str | None) -> tuple[int, int]:
+    from facelora.io.sharding import parse_shard
+
+    try:
+        return parse_shard(text) if text else (0, 1)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _need_shard_out(args) -> None:
+    if args.shard and not args.shard_out:
+        raise UserError("--shard needs --shard-out (where this shard's table goes)")
+
+
+def cmd_params(args, params) -> int:
+    data = params.model_dump(mode="json")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    return 0
+
+
+def cmd_sample_data(args, params) -> int:
+    from facelora.prepare.sample_data import build_sample_data
+
+    try:
+        counts = build_sample_data(args.dest)
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+    print(
+        f"sample data in {args.dest}: {counts['files']} files, {counts['pairs']} pairs "
+        f"(plus {counts['bad']} deliberately bad inputs)"
+    )
+    return 0
+
+
+def cmd_detect(args, params) -> int:
+    from facelora.prepare.faces.detect import DetectOutputs, detect_shard, gather_detections
+
+    workers = args.workers or params.workflow.workers
+    if args.shard:
+        images_out = args.images_out or args.out.with_name(
+            args.out.name.replace(".faces.parquet", "") + ".images.parquet"
+        )
+        detect_shard(args.images_dir, args.out, images_out, params, _shard(args.shard), workers)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        faces, images = Path(tmp, "0.faces.parquet"), Path(tmp, "0.images.parquet")
+        detect_shard(args.images_dir, faces, images, params, (0, 1), workers)
+        stats = gather_detections([(faces, images)], DetectOutputs.beside(args.out))
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_crop(args, params) -> int:
+    from facelora.prepare.faces.crop import crop_shard, gather_crops
+
+    _need_shard_out(args)
+    workers = args.workers or params.workflow.workers
+    if args.shard:
+        crop_shard(
+            args.raw,
+            args.faces,
+            args.images,
+            args.out_dir,
+            args.shard_out,
+            params,
+            _shard(args.shard),
+            workers,
+        )
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp, "0.crops.parquet")
+        crop_shard(args.raw, args.faces, args.images, args.out_dir, shard, params, (0, 1), workers)
+        print(json.dumps(gather_crops([shard], args.out_dir)))
+    return 0
+
+
+def cmd_pair_index(args, params) -> int:
+    from facelora.prepare.pairs.index import build_index, write_index
+
+    index, rejected = build_index(args.raw, args.images, args.faces, args.crops, params)
+    write_index(index, rejected, args.out)
+    print(json.dumps({"candidates": len(index), "rejected": len(rejected)}))
+    return 0
+
+
+def cmd_pair(args, params) -> int:
+    from facelora.prepare.pairs.score import gather_pairs, score_shard
+
+    _need_shard_out(args)
+    workers = args.workers or params.workflow.workers
+    common = (args.index, args.raw, args.faces, args.crops, args.images, args.out_dir)
+    if args.shard:
+        score_shard(*common, args.shard_out, params, _shard(args.shard), workers)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp, "0.pairs.parquet")
+        score_shard(*common, shard, params, (0, 1), workers)
+        rejected = args.index.with_name("index_rejected.csv")
+        print(json.dumps(gather_pairs([shard], rejected, args.out_dir, params)))
+    return 0
+
+
+def cmd_gather(args, params) -> int:
+    if args.kind == "faces":
+        from facelora.prepare.faces.detect import DetectOutputs, gather_detections
+
+        if not args.out:
+            raise UserError("gather faces needs --out FACES.parquet")
+        pairs = []
+        for faces in args.shards:
+            images = faces.with_name(faces.name.replace(".faces.parquet", ".images.parquet"))
+            if faces == images:
+                raise UserError(f"{faces}: shard faces tables are named N.faces.parquet")
+            pairs.append((faces, images))
+        stats = gather_detections(pairs, DetectOutputs.beside(args.out))
+    elif args.kind == "crops":
+        from facelora.prepare.faces.crop import gather_crops
+
+        if not args.out_dir:
+            raise UserError("gather crops needs --out-dir")
+        stats = gather_crops(args.shards, args.out_dir)
+    else:
+        from facelora.prepare.pairs.score import gather_pairs
+
+        if not args.out_dir or not args.index:
+            raise UserError("gather pairs needs --out-dir and --index")
+        rejected = args.index.with_name("index_rejected.csv")
+        stats = gather_pairs(args.shards, rejected, args.out_dir, params)
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_caption(args, params) -> int:
+    from facelora.prepare.captions import caption_pairs
+
+    print(json.dumps(caption_pairs(args.pairs, args.out_dir, params)))
+    return 0
+
+
+def cmd_split(args, params) -> int:
+    from facelora.prepare.split import run_split
+
+    stats = run_split(args.pairs, args.captions, args.faces, args.out, args.validation_dir, params)
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_select(args, params) -> int:
+    from facelora.prepare.phases import PhaseEmpty, run_select
+
+    try:
+        info = run_select(args.phase, args.pairs, args.captions, args.split, args.out_dir, params)
+    except PhaseEmpty as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps({k: info[k] for k in ("name", "candidates", "after_filters", "selected")}))
+    return 0
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what}: give comma-separated integers, e.g. 16,32,64") from None
+
+
+def _relaunch(args, processes: int) -> int:
+    """Run this same command in `processes` processes per node (facelora.train.launch)."""
+    import os
+    import subprocess
+
+    import torch
+
+    from facelora.train.launch import launcher_argv
+
+    try:
+        argv = launcher_argv(
+            processes, args.nodes, os.environ, torch.cuda.is_available(), sys.argv[1:]
+        )
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from None
+    return subprocess.call(argv)
+
+
+def cmd_train(args, params) -> int:
+    import os
+
+    if (args.processes > 1 or args.nodes > 1) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _relaunch(args, args.processes)
+    from facelora.models.adapters import ModelRefused
+    from facelora.models.lora_io import LoraMismatch
+    from facelora.train.init import resolve_init
+    from facelora.train.loop import TrainingDiverged, train_phase
+
+    results = Path(params.paths.results)
+    params.phase(args.phase)  # an unknown phase fails here, with the list
+    train_root = args.train_root or args.out.parent
+    init = resolve_init(params, args.phase, train_root, args.eval_root or results / "eval")
+    try:
+        summary = train_phase(
+            args.phase, args.data, args.out, params, init, args.cache or results / "cache"
+        )
+    except (ModelRefused, LoraMismatch, TrainingDiverged) as exc:
+        raise UserError(str(exc)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        keys = ("phase", "steps", "final_loss", "resumed", "processes", "in_sync")
+        print(json.dumps({k: summary[k] for k in keys}))
+    return 0
+
+
+def cmd_evaluate(args, params) -> int:
+    from facelora.evaluate.run import BASE, evaluate_group
+
+    if args.phase == BASE:
+        steps = []
+    else:
+        groups = params.eval_groups(args.phase)
+        if args.group is None or not 0 <= args.group < len(groups):
+            raise UserError(f"--group: give 0..{len(groups) - 1} for phase {args.phase}")
+        if args.train_dir is None:
+            raise UserError("--train-dir is needed for a phase")
+        steps = groups[args.group]
+    frame = evaluate_group(params, args.phase, steps, args.validation, args.train_dir, args.out)
+    print(
+        json.dumps(
+            {
+                "phase": args.phase,
+                "steps": steps,
+                "rows": len(frame),
+                "failed": int((frame["status"] != "ok").sum()),
+            }
+        )
+    )
+    return 0
+
+
+def cmd_choose(args, params) -> int:
+    from facelora.evaluate.report import write_choice
+
+    try:
+        choice = write_choice(args.phase, params, args.eval_root, args.train_root)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps({k: choice[k] for k in ("phase", "step", "score", "reason")}))
+    return 0
+
+
+def cmd_eval_report(args, params) -> int:
+    from facelora.evaluate.report import write_report
+
+    summary = write_report(params, args.eval_root, args.validation)
+    print(json.dumps({phase: len(steps) for phase, steps in summary.items()}))
+    return 0
+
+
+def cmd_final(args, params) -> int:
+    from facelora.release.final import build_final
+
+    info = build_final(params, args.results, args.out)
+    print(json.dumps({"lora": info["lora"]["source"], "metrics": info["metrics"]}))
+    return 0
+
+
+def cmd_merge(args, params) -> int:
+    from facelora.release.merge import merge_main
+
+    family = args.family or (params.model.family if params else "qwen_image_edit")
+    try:
+        report = merge_main(
+            args.inputs,
+            args.out,
+            rank=args.rank,
+            family=family,
+            normalize=not args.no_normalize,
+            fuse_into=args.fuse_into,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    summary = {
+        "out": str(args.out),
+        "weights": report.get("weights"),
+        "total_rank": report.get("total_rank"),
+    }
+    if "svd" in report:
+        summary["svd_relative_error"] = report["svd"]["overall"]["relative_error"]
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_make_tiny_model(args, params) -> int:
+    from facelora.models.tiny import make_tiny_model
+
+    try:
+        out = make_tiny_model(args.family, args.out, seed=args.seed)
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+    print(f"tiny random {args.family} model (not a real model) in {out}")
+    return 0
+
+
+def cmd_plan(args, params) -> int:
+    from facelora.models.lora_targets import family_of_config
+    from facelora.models.plan import format_plan, load_config, plan
+
+    path = args.model / "transformer" / "config.json" if args.model.is_dir() else args.model
+    if not path.is_file():
+        raise UserError(f"{path} not found: give a model folder or a transformer config.json")
+    config = load_config(path)
+    family = args.family or family_of_config(config)
+    if family is None:
+        raise UserError(f"{path}: unknown transformer class; pass --family")
+    presets = [p.strip() for p in args.presets.split(",")] if args.presets else None
+    try:
+        rows = plan(
+            config,
+            family,
+            presets,
+            _ints(args.ranks, "--ranks"),
+            args.dtype_bytes,
+            blocks=_ints(args.blocks, "--blocks"),
+            resolution=args.resolution,
+            quantize=args.quantize,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(format_plan(rows))
+    return 0
+
+
+def cmd_summary(args, params) -> int:
+    from facelora.prepare.summary import format_summary, write_summary
+
+    results = args.results or Path(params.paths.results)
+    out_dir = args.out_dir or results / "summary"
+    if args.print_only:
+        path = out_dir / "summary.json"
+        if not path.is_file():
+            raise UserError(f"{path} not found: run the workflow first (snakemake --cores 2)")
+        summary = json.loads(path.read_text())
+    else:
+        summary = write_summary(results, params, out_dir)
+    print(format_summary(summary))
+    print(f"\nplots: {out_dir / 'funnel.png'}, {out_dir / 'scores.png'}")
+    trained = [results / "train" / p / "train.json" for p in params.phase_names]
+    if any(t.is_file() for t in trained):
+        print("\ntraining (one LoRA per phase):")
+        for path in trained:
+            if path.is_file():
+                t = json.loads(path.read_text())
+                print(
+                    f"  {t['phase']:<14} {t['steps']:>6} steps  final loss {t['final_loss']:.4f}"
+                    f"  {len(t['checkpoints'])} checkpoints  {path.parent / 'loss.png'}"
+                )
+    evaluated = results / "eval" / "summary.json"
+    if evaluated.is_file():
+        print(format_evaluation(json.loads(evaluated.read_text()), results, params))
+    return 0
+
+
+def format_evaluation(summary: dict, results: Path, params) -> str:
+    """The evaluation table: every checkpoint's means, the choice per phase, the final LoRA."""
+    from facelora.config import EVAL_METRICS
+
+    def cell(value) -> str:
+        return f"{value:>12.4f}" if isinstance(value, int | float) else f"{'n/a':>12}"
+
+    lines = ["\nevaluation (means over the validation pairs; n/a: unavailable or all failed):"]
+    lines.append(f"  {'run':<22}" + "".join(f"{m:>12}" for m in EVAL_METRICS) + "  failed")
+    for phase in ["base", *params.phase_names]:
+        chosen = summary.get("chosen", {}).get(phase, {}).get("step")
+        for step, entry in sorted(summary.get(phase, {}).items(), key=lambda kv: int(kv[0])):
+            mark = " *" if chosen is not None and int(step) == chosen else ""
+            name = phase if phase == "base" else f"{phase} @ {step}{mark}"
+            lines.append(
+                f"  {name:<22}"
+                + "".join(cell(entry.get(m)) for m in EVAL_METRICS)
+                + f"  {entry.get('failed', 0)}/{entry.get('pairs', 0)}"
+            )
+    unavailable = {
+        m: info.get("reason")
+        for m, info in summary.get("metrics", {}).items()
+        if not info.get("available", True)
+    }
+    for metric, reason in unavailable.items():
+        lines.append(f"  {metric} unavailable: {reason}")
+    lines.append("  * the chosen checkpoint of each phase (results/eval/phases/<phase>/best.json)")
+    lines.append(
+        f"plots: {results / 'eval' / 'plots'}/, contact sheets: {results / 'eval' / 'contact'}/"
+    )
+    final = results / "final" / "final.json"
+    if final.is_file():
+        lines.append(f"final LoRA: {final.parent}/ (model card {final.parent / 'README.md'})")
+    return "\n".join(lines)
+
+
+def cmd_snakemake(args, params) -> int:
+    from facelora.workflow.snakemake_run import run_snakemake
+
+    return run_snakemake(params.workflow.profile, args.snakemake_args)
+
+
+COMMANDS = {
+    "params": cmd_params,
+    "sample-data": cmd_sample_data,
+    "detect": cmd_detect,
+    "crop": cmd_crop,
+    "pair-index": cmd_pair_index,
+    "pair": cmd_pair,
+    "gather": cmd_gather,
+    "caption": cmd_caption,
+    "split": cmd_split,
+    "select": cmd_select,
+    "summary": cmd_summary,
+    "plan": cmd_plan,
+    "make-tiny-model": cmd_make_tiny_model,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "choose": cmd_choose,
+    "eval-report": cmd_eval_report,
+    "final": cmd_final,
+    "merge": cmd_merge,
+    "snakemake": cmd_snakemake,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "snakemake":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.snakemake_args = extra
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from facelora.prepare.faces.types import ModelFileMissing
+
+    try:
+        optional = ("sample-data", "plan", "make-tiny-model", "merge")
+        needs_params = args.command not in optional or args.params.is_file()
+        params = load_params(args.params) if needs_params else None
+        return COMMANDS[args.command](args, params)
+    except (ParamsError, UserError, ModelFileMissing, FileNotFoundError) as exc:
+        print(f"facelora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
