@@ -265,7 +265,9 @@ def run_facelora(images_dir: Path, work: Path, params: Params, workers: int) -> 
         (0, 1),
         workers,
     )
-    gather_crops([crop_shard_out], crops_dir)
+    gather_crops(
+        [crop_shard_out], crops_dir, crops_dir / "crops.parquet", crops_dir / "rejected.csv"
+    )
     # faces found = rows of faces.parquet (images rejected for too many faces have none)
     columns = ["image", "status", "reason", "sha256"]
     images = pq.read_table(detected.images, columns=columns).to_pylist()

@@ -1,15 +1,20 @@
 # Settings (validated against facelora.config's schema) and helpers shared by all rules.
+# Every path comes from the results layout (facelora.registry.layout, `L`); every rule's
+# settings trigger is what its command declares it reads (facelora.workflow.cli).
+from facelora.registry.families import FAMILY_NAMES
+from facelora.registry.layout import Layout
 from facelora.workflow.rules import (
+    all_eval_group_outputs,
+    command_settings,
     eval_group_outputs,
+    folder,
     job_resources,
     load_workflow_params,
-    output_parent,
     previous_training,
     put_cli_on_path,
     raw_folder,
     raw_images,
     raw_sidecars,
-    settings,
     train_processes,
 )
 
@@ -20,7 +25,7 @@ configfile: "params.yaml"
 P = load_workflow_params(config)
 put_cli_on_path()
 RAW = raw_folder(P)
-RES = P.paths.results
+L = Layout(P.paths.results)
 SHARDS = list(range(P.workflow.shards))
 N_SHARDS = P.workflow.shards
 PHASES = P.phase_names

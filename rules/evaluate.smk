@@ -6,7 +6,8 @@ rule evaluate_base:
         validation=rules.split.output.validation,
         model=P.model.path,
     output:
-        f"{RES}/eval/phases/base/metrics.csv",
+        metrics=L.base_metrics(),
+        backends=L.metric_backends(L.base_dir()),
     log:
         "logs/evaluate/base.log",
     conda:
@@ -15,20 +16,21 @@ rule evaluate_base:
     resources:
         **job_resources(P, "eval"),
     params:
-        settings=settings(P, "seed", "model", "eval", "captions", "faces"),
-        out_dir=output_parent(0),
+        settings=command_settings(P, "evaluate base"),
+        out_dir=folder(L.base_dir()),
     shell:
         "facelora evaluate base --validation {input.validation} --out {params.out_dir}"
-        " > {log} 2>&1"
+        " --metrics-out {output.metrics} --backends-out {output.backends} > {log} 2>&1"
 
 
 rule evaluate:
     input:
-        training=f"{RES}/train/{{phase}}/train.json",
+        training=L.train_summary(),
         validation=rules.split.output.validation,
         model=P.model.path,
     output:
-        f"{RES}/eval/phases/{{phase}}/group-{{group}}/metrics.csv",
+        metrics=L.eval_group_metrics(),
+        backends=L.metric_backends(L.eval_group_dir()),
     log:
         "logs/evaluate/{phase}-{group}.log",
     wildcard_constraints:
@@ -40,21 +42,22 @@ rule evaluate:
     resources:
         **job_resources(P, "eval"),
     params:
-        settings=settings(P, "seed", "model", "eval", "captions", "faces"),
-        out_dir=output_parent(0),
-        train_dir=lambda w: f"{RES}/train/{w.phase}",
+        settings=command_settings(P, "evaluate"),
+        out_dir=lambda w: L.eval_group_dir(w.phase, w.group),
+        train_dir=lambda w: L.train_dir(w.phase),
     shell:
         "facelora evaluate {wildcards.phase} --group {wildcards.group}"
         " --validation {input.validation} --train-dir {params.train_dir}"
-        " --out {params.out_dir} > {log} 2>&1"
+        " --out {params.out_dir} --metrics-out {output.metrics}"
+        " --backends-out {output.backends} > {log} 2>&1"
 
 
 rule choose:
     input:
-        base=rules.evaluate_base.output,
-        groups=eval_group_outputs(P, RES),
+        base=rules.evaluate_base.output.metrics,
+        groups=eval_group_outputs(P, L),
     output:
-        f"{RES}/eval/phases/{{phase}}/best.json",
+        L.best(),
     log:
         "logs/choose/{phase}.log",
     wildcard_constraints:
@@ -64,19 +67,18 @@ rule choose:
     resources:
         **job_resources(P, "data"),
     params:
-        settings=settings(P, "objective", "eval"),
-        eval_root=output_parent(0, 3),
-        train_root=f"{RES}/train",
+        settings=command_settings(P, "choose"),
+        results=folder(L.root),
     shell:
-        "facelora choose {wildcards.phase} --eval-root {params.eval_root}"
-        " --train-root {params.train_root} > {log} 2>&1"
+        "facelora choose {wildcards.phase} --results {params.results} --out {output}"
+        " > {log} 2>&1"
 
 
 rule choose_base:
     input:
-        rules.evaluate_base.output,
+        rules.evaluate_base.output.metrics,
     output:
-        f"{RES}/eval/phases/base/best.json",
+        L.best("base"),
     log:
         "logs/choose/base.log",
     conda:
@@ -84,23 +86,23 @@ rule choose_base:
     resources:
         **job_resources(P, "data"),
     params:
-        eval_root=output_parent(0, 3),
-        train_root=f"{RES}/train",
+        settings=command_settings(P, "choose base"),
+        results=folder(L.root),
     shell:
-        "facelora choose base --eval-root {params.eval_root}"
-        " --train-root {params.train_root} > {log} 2>&1"
+        "facelora choose base --results {params.results} --out {output} > {log} 2>&1"
 
 
 rule eval_report:
     input:
         base=rules.choose_base.output,
-        best=expand(f"{RES}/eval/phases/{{phase}}/best.json", phase=PHASES),
+        best=expand(L.best(), phase=PHASES),
+        groups=all_eval_group_outputs(P, L),
         validation=rules.split.output.validation,
     output:
-        metrics=f"{RES}/eval/metrics.csv",
-        summary=f"{RES}/eval/summary.json",
-        plots=expand(f"{RES}/eval/plots/{{phase}}.png", phase=PHASES),
-        sheets=expand(f"{RES}/eval/contact/{{phase}}.png", phase=PHASES),
+        metrics=L.eval_metrics(),
+        summary=L.eval_summary(),
+        plots=expand(L.eval_plot(), phase=PHASES),
+        sheets=expand(L.contact_sheet(), phase=PHASES),
     log:
         "logs/eval_report.log",
     conda:
@@ -108,7 +110,9 @@ rule eval_report:
     resources:
         **job_resources(P, "data"),
     params:
-        eval_root=output_parent("summary"),
+        settings=command_settings(P, "eval-report"),
+        results=folder(L.root),
     shell:
-        "facelora eval-report --eval-root {params.eval_root}"
-        " --validation {input.validation} > {log} 2>&1"
+        "facelora eval-report --results {params.results} --validation {input.validation}"
+        " --metrics-out {output.metrics} --summary-out {output.summary}"
+        " --plots-out {output.plots} --sheets-out {output.sheets} > {log} 2>&1"

@@ -3,14 +3,16 @@
 
 rule make_tiny_model:
     output:
-        directory(f"{RES}/models/tiny-{{family}}"),
+        directory(L.tiny_model()),
     log:
         "logs/make_tiny_model/{family}.log",
     wildcard_constraints:
-        family="qwen_image_edit|flux2_klein",
+        family="|".join(FAMILY_NAMES),
     conda:
         ENV
     resources:
         **job_resources(P, "data"),
+    params:
+        settings=command_settings(P, "make-tiny-model"),
     shell:
         "facelora make-tiny-model {wildcards.family} {output} > {log} 2>&1"

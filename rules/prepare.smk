@@ -6,8 +6,8 @@ rule detect:
     input:
         lambda w: raw_images(P, int(w.shard)),
     output:
-        faces=f"{RES}/faces/shards/{{shard}}.faces.parquet",
-        images=f"{RES}/faces/shards/{{shard}}.images.parquet",
+        faces=L.faces_shard(),
+        images=L.images_shard(),
     log:
         "logs/detect/{shard}.log",
     conda:
@@ -16,7 +16,7 @@ rule detect:
     resources:
         **job_resources(P, "data"),
     params:
-        settings=settings(P, "images", "faces"),
+        settings=command_settings(P, "detect"),
         raw=RAW,
         shard=lambda w: f"{w.shard}/{N_SHARDS}",
     shell:
@@ -26,20 +26,24 @@ rule detect:
 
 rule gather_faces:
     input:
-        faces=expand(f"{RES}/faces/shards/{{shard}}.faces.parquet", shard=SHARDS),
-        images=expand(f"{RES}/faces/shards/{{shard}}.images.parquet", shard=SHARDS),
+        faces=expand(L.faces_shard(), shard=SHARDS),
+        images=expand(L.images_shard(), shard=SHARDS),
     output:
-        faces=f"{RES}/faces/faces.parquet",
-        images=f"{RES}/faces/images.parquet",
-        rejected=f"{RES}/faces/rejected.csv",
+        faces=L.faces(),
+        images=L.images(),
+        rejected=L.faces_rejected(),
     log:
         "logs/gather_faces.log",
     conda:
         ENV
     resources:
         **job_resources(P, "data"),
+    params:
+        settings=command_settings(P, "gather faces"),
     shell:
-        "facelora gather faces {input.faces} --out {output.faces} > {log} 2>&1"
+        "facelora gather faces {input.faces} --images-shards {input.images}"
+        " --out {output.faces} --images-out {output.images}"
+        " --rejected-out {output.rejected} > {log} 2>&1"
 
 
 rule crop:
@@ -48,7 +52,7 @@ rule crop:
         faces=rules.gather_faces.output.faces,
         images=rules.gather_faces.output.images,
     output:
-        shard=f"{RES}/crops/shards/{{shard}}.crops.parquet",
+        shard=L.crops_shard(),
     log:
         "logs/crop/{shard}.log",
     conda:
@@ -57,22 +61,22 @@ rule crop:
     resources:
         **job_resources(P, "data"),
     params:
-        settings=settings(P, "images", "crop"),
+        settings=command_settings(P, "crop"),
         raw=RAW,
         shard=lambda w: f"{w.shard}/{N_SHARDS}",
-        out_dir=output_parent("shard", 2),
+        crops_dir=folder(L.crops_dir()),
     shell:
         "facelora crop --raw {params.raw:q} --faces {input.faces} --images {input.images}"
-        " --out-dir {params.out_dir} --shard {params.shard} --shard-out {output.shard}"
+        " --out-dir {params.crops_dir} --shard {params.shard} --shard-out {output.shard}"
         " --workers {threads} > {log} 2>&1"
 
 
 rule gather_crops:
     input:
-        expand(f"{RES}/crops/shards/{{shard}}.crops.parquet", shard=SHARDS),
+        expand(L.crops_shard(), shard=SHARDS),
     output:
-        crops=f"{RES}/crops/crops.parquet",
-        rejected=f"{RES}/crops/rejected.csv",
+        crops=L.crops(),
+        rejected=L.crops_rejected(),
     log:
         "logs/gather_crops.log",
     conda:
@@ -80,9 +84,11 @@ rule gather_crops:
     resources:
         **job_resources(P, "data"),
     params:
-        out_dir=output_parent("crops"),
+        settings=command_settings(P, "gather crops"),
+        crops_dir=folder(L.crops_dir()),
     shell:
-        "facelora gather crops {input} --out-dir {params.out_dir} > {log} 2>&1"
+        "facelora gather crops {input} --images-dir {params.crops_dir} --out {output.crops}"
+        " --rejected-out {output.rejected} > {log} 2>&1"
 
 
 rule pair_index:
@@ -93,8 +99,8 @@ rule pair_index:
         faces=rules.gather_faces.output.faces,
         crops=rules.gather_crops.output.crops,
     output:
-        index=f"{RES}/pairs/index.parquet",
-        rejected=f"{RES}/pairs/index_rejected.csv",
+        index=L.pair_index(),
+        rejected=L.pair_index_rejected(),
     log:
         "logs/pair_index.log",
     conda:
@@ -102,11 +108,12 @@ rule pair_index:
     resources:
         **job_resources(P, "data"),
     params:
-        settings=settings(P, "images", "pairs", "faces"),
+        settings=command_settings(P, "pair-index"),
         raw=RAW,
     shell:
         "facelora pair-index --raw {params.raw:q} --images {input.images} --faces {input.faces}"
-        " --crops {input.crops} --out {output.index} > {log} 2>&1"
+        " --crops {input.crops} --out {output.index} --rejected-out {output.rejected}"
+        " > {log} 2>&1"
 
 
 rule pair:
@@ -116,7 +123,7 @@ rule pair:
         faces=rules.gather_faces.output.faces,
         crops=rules.gather_crops.output.crops,
     output:
-        shard=f"{RES}/pairs/shards/{{shard}}.pairs.parquet",
+        shard=L.pairs_shard(),
     log:
         "logs/pair/{shard}.log",
     conda:
@@ -125,24 +132,23 @@ rule pair:
     resources:
         **job_resources(P, "data"),
     params:
-        settings=settings(P, "images", "crop", "pairs"),
+        settings=command_settings(P, "pair"),
         raw=RAW,
         shard=lambda w: f"{w.shard}/{N_SHARDS}",
-        out_dir=output_parent("shard", 2),
+        pairs_dir=folder(L.pairs_dir()),
     shell:
         "facelora pair --index {input.index} --raw {params.raw:q} --images {input.images}"
-        " --faces {input.faces} --crops {input.crops} --out-dir {params.out_dir}"
+        " --faces {input.faces} --crops {input.crops} --out-dir {params.pairs_dir}"
         " --shard {params.shard} --shard-out {output.shard} --workers {threads} > {log} 2>&1"
 
 
 rule gather_pairs:
     input:
-        shards=expand(f"{RES}/pairs/shards/{{shard}}.pairs.parquet", shard=SHARDS),
-        index=rules.pair_index.output.index,
+        shards=expand(L.pairs_shard(), shard=SHARDS),
         index_rejected=rules.pair_index.output.rejected,
     output:
-        pairs=f"{RES}/pairs/pairs.parquet",
-        rejected=f"{RES}/pairs/rejected.csv",
+        pairs=L.pairs(),
+        rejected=L.pairs_rejected(),
     log:
         "logs/gather_pairs.log",
     conda:
@@ -150,20 +156,21 @@ rule gather_pairs:
     resources:
         **job_resources(P, "data"),
     params:
-        settings=settings(P, "pairs"),
-        out_dir=output_parent("pairs"),
+        settings=command_settings(P, "gather pairs"),
+        pairs_dir=folder(L.pairs_dir()),
     shell:
-        "facelora gather pairs {input.shards} --index {input.index}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        "facelora gather pairs {input.shards} --index-rejected {input.index_rejected}"
+        " --images-dir {params.pairs_dir} --out {output.pairs}"
+        " --rejected-out {output.rejected} > {log} 2>&1"
 
 
 rule caption:
     input:
         rules.gather_pairs.output.pairs,
     output:
-        captions=f"{RES}/captions/captions.parquet",
-        lint=f"{RES}/captions/lint.csv",
-        rejected=f"{RES}/captions/rejected.csv",
+        captions=L.captions(),
+        lint=L.captions_lint(),
+        rejected=L.captions_rejected(),
     log:
         "logs/caption.log",
     conda:
@@ -171,10 +178,12 @@ rule caption:
     resources:
         **job_resources(P, "data"),
     params:
-        settings=settings(P, "captions", "pairs"),
-        out_dir=output_parent("captions"),
+        settings=command_settings(P, "caption"),
+        pairs_dir=folder(L.pairs_dir()),
     shell:
-        "facelora caption --pairs {input} --out-dir {params.out_dir} > {log} 2>&1"
+        "facelora caption --pairs {input} --pairs-dir {params.pairs_dir}"
+        " --out {output.captions} --lint-out {output.lint}"
+        " --rejected-out {output.rejected} > {log} 2>&1"
 
 
 rule split:
@@ -183,8 +192,8 @@ rule split:
         captions=rules.caption.output.captions,
         faces=rules.gather_faces.output.faces,
     output:
-        split=f"{RES}/split/split.parquet",
-        validation=directory(f"{RES}/validation"),
+        split=L.split(),
+        validation=directory(L.validation_dir()),
     log:
         "logs/split.log",
     conda:
@@ -192,7 +201,7 @@ rule split:
     resources:
         **job_resources(P, "data"),
     params:
-        settings=settings(P, "seed", "split", "faces"),
+        settings=command_settings(P, "split"),
     shell:
         "facelora split --pairs {input.pairs} --captions {input.captions}"
         " --faces {input.faces} --out {output.split}"
@@ -205,7 +214,7 @@ rule select_phase:
         captions=rules.caption.output.captions,
         split=rules.split.output.split,
     output:
-        directory(f"{RES}/phases/{{phase}}"),
+        directory(L.phase_dir()),
     log:
         "logs/select/{phase}.log",
     wildcard_constraints:
@@ -215,8 +224,7 @@ rule select_phase:
     resources:
         **job_resources(P, "data"),
     params:
-        settings=lambda w: P.phase(w.phase).model_dump(mode="json"),
-        order=PHASES,
+        settings=command_settings(P, "select"),
     shell:
         "facelora select {wildcards.phase} --pairs {input.pairs}"
         " --captions {input.captions} --split {input.split} --out-dir {output} > {log} 2>&1"
@@ -225,11 +233,11 @@ rule select_phase:
 rule summary:
     input:
         split=rules.split.output.split,
-        phases=expand(f"{RES}/phases/{{phase}}", phase=PHASES),
+        phases=expand(L.phase_dir(), phase=PHASES),
     output:
-        summary=f"{RES}/summary/summary.json",
-        funnel=f"{RES}/summary/funnel.png",
-        scores=f"{RES}/summary/scores.png",
+        summary=L.summary(),
+        funnel=L.funnel_plot(),
+        scores=L.scores_plot(),
     log:
         "logs/summary.log",
     conda:
@@ -237,14 +245,15 @@ rule summary:
     resources:
         **job_resources(P, "data"),
     params:
-        results=output_parent("summary", 2),
-        out_dir=output_parent("summary"),
+        settings=command_settings(P, "summary"),
+        results=folder(L.root),
     shell:
-        "facelora summary --results {params.results} --out-dir {params.out_dir} > {log} 2>&1"
+        "facelora summary --results {params.results} --out {output.summary}"
+        " --funnel-out {output.funnel} --scores-out {output.scores} > {log} 2>&1"
 
 
 rule prepare:
     input:
         rules.summary.output,
         rules.split.output,
-        expand(f"{RES}/phases/{{phase}}", phase=PHASES),
+        expand(L.phase_dir(), phase=PHASES),

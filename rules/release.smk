@@ -3,12 +3,10 @@
 
 rule final:
     input:
-        best=f"{RES}/eval/phases/{PHASES[-1]}/best.json",
+        best=L.best(PHASES[-1]),
         report=rules.eval_report.output.summary,
     output:
-        lora=f"{RES}/final/pytorch_lora_weights.safetensors",
-        comfyui=f"{RES}/final/lora_comfyui.safetensors",
-        card=f"{RES}/final/README.md",
+        directory(L.final_dir()),
     log:
         "logs/final.log",
     conda:
@@ -16,8 +14,7 @@ rule final:
     resources:
         **job_resources(P, "data"),
     params:
-        settings=settings(P, "final", "objective"),
-        results=output_parent("lora", 2),
-        out_dir=output_parent("lora"),
+        settings=command_settings(P, "final"),
+        results=folder(L.root),
     shell:
-        "facelora final --results {params.results} --out {params.out_dir} > {log} 2>&1"
+        "facelora final --results {params.results} --out {output} > {log} 2>&1"

@@ -3,12 +3,12 @@
 
 rule train:
     input:
-        data=f"{RES}/phases/{{phase}}",
+        data=L.phase_dir(),
         model=P.model.path,
-        previous=previous_training(P, RES),
+        previous=previous_training(P, L),
     output:
-        summary=f"{RES}/train/{{phase}}/train.json",
-        plot=f"{RES}/train/{{phase}}/loss.png",
+        summary=L.train_summary(),
+        plot=L.loss_plot(),
     log:
         "logs/train/{phase}.log",
     wildcard_constraints:
@@ -19,18 +19,19 @@ rule train:
     resources:
         **job_resources(P, "train"),
     params:
-        settings=settings(P, "seed", "lr", "model", "lora", "train"),
-        phase=lambda w: P.phase(w.phase).model_dump(mode="json"),
-        out_dir=output_parent("summary"),
-        cache=f"{RES}/cache",
+        settings=command_settings(P, "train"),
+        train_dir=lambda w: L.train_dir(w.phase),
+        results=folder(L.root),
+        cache=folder(L.cache_dir()),
         processes=train_processes(P),
         nodes=P.resources.train.nodes,
     shell:
-        "facelora train {wildcards.phase} --data {input.data} --out {params.out_dir}"
+        "facelora train {wildcards.phase} --data {input.data} --out {params.train_dir}"
+        " --summary-out {output.summary} --plot-out {output.plot} --results {params.results}"
         " --cache {params.cache} --processes {params.processes} --nodes {params.nodes}"
         " > {log} 2>&1"
 
 
 rule train_all:
     input:
-        expand(f"{RES}/train/{{phase}}/train.json", phase=PHASES),
+        expand(L.train_summary(), phase=PHASES),

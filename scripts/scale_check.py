@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from facelora.registry.layout import Layout
+
 CLI = str(Path(sys.executable).with_name("facelora"))
 
 
@@ -65,16 +67,21 @@ def run(n_pairs: int, work: Path) -> list[tuple[str, float, float]]:
     script = Path(__file__).resolve()
     subprocess.run([sys.executable, str(script), "--build", str(raw), str(n_pairs)], check=True)
     (work / "params.yaml").write_text("crop:\n  min_side: 256\n")
-    faces, images = "results/faces/faces.parquet", "results/faces/images.parquet"
-    crops, index = "results/crops/crops.parquet", "results/pairs/index.parquet"
+    L = Layout("results")
+    faces, images, crops, index = L.faces(), L.images(), L.crops(), L.pair_index()
     steps = [
-        ("detect", ["detect", "raw", "--out", faces]),
+        ("detect", ["detect", "raw", "--out", faces, "--images-out", images,
+                    "--rejected-out", L.faces_rejected()]),
         ("crop", ["crop", "--raw", "raw", "--faces", faces, "--images", images,
-                  "--out-dir", "results/crops"]),
+                  "--out-dir", L.crops_dir(), "--table-out", crops,
+                  "--rejected-out", L.crops_rejected()]),
         ("pair-index", ["pair-index", "--raw", "raw", "--images", images, "--faces", faces,
-                        "--crops", crops, "--out", index]),
+                        "--crops", crops, "--out", index,
+                        "--rejected-out", L.pair_index_rejected()]),
         ("pair", ["pair", "--index", index, "--raw", "raw", "--images", images, "--faces",
-                  faces, "--crops", crops, "--out-dir", "results/pairs"]),
+                  faces, "--crops", crops, "--out-dir", L.pairs_dir(),
+                  "--index-rejected", L.pair_index_rejected(), "--table-out", L.pairs(),
+                  "--rejected-out", L.pairs_rejected()]),
     ]  # fmt: skip
     return [(name, *step(name, args, work)) for name, args in steps]
 

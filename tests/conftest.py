@@ -62,6 +62,7 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
     from facelora.prepare.pairs.score import gather_pairs, score_shard
     from facelora.prepare.phases import run_select
     from facelora.prepare.split import run_split
+    from facelora.registry.layout import Layout
 
     faces_dir, crops_dir, pairs_dir = results / "faces", results / "crops", results / "pairs"
     shard_tables = []
@@ -86,7 +87,8 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
             (i, shards),
         )
         crop_tables.append(out)
-    gather_crops(crop_tables, crops_dir)
+    layout = Layout(str(results))
+    gather_crops(crop_tables, crops_dir, layout.crops(), layout.crops_rejected())
     index, rejected = build_index(
         raw,
         faces_dir / "images.parquet",
@@ -94,7 +96,7 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
         crops_dir / "crops.parquet",
         params,
     )
-    write_index(index, rejected, pairs_dir / "index.parquet")
+    write_index(index, rejected, layout.pair_index(), layout.pair_index_rejected())
     pair_tables = []
     for i in range(shards):
         out = results / "shards" / f"{i}.pairs.parquet"
@@ -110,8 +112,22 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
             (i, shards),
         )
         pair_tables.append(out)
-    gather_pairs(pair_tables, pairs_dir / "index_rejected.csv", pairs_dir, params)
-    caption_pairs(pairs_dir / "pairs.parquet", results / "captions", params)
+    gather_pairs(
+        pair_tables,
+        layout.pair_index_rejected(),
+        pairs_dir,
+        params,
+        layout.pairs(),
+        layout.pairs_rejected(),
+    )
+    caption_pairs(
+        layout.pairs(),
+        pairs_dir,
+        params,
+        layout.captions(),
+        layout.captions_lint(),
+        layout.captions_rejected(),
+    )
     run_split(
         pairs_dir / "pairs.parquet",
         results / "captions" / "captions.parquet",

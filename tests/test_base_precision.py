@@ -21,8 +21,8 @@ from facelora.models.fp8 import (
     store_blocks_in_fp8,
 )
 from facelora.models.lora_io import DIFFUSERS_WEIGHTS
-from facelora.models.lora_targets import FAMILY_CLASSES
 from facelora.models.plan import GIB, plan
+from facelora.registry.families import FAMILIES as FAMILY_RECORDS
 from facelora.train.checkpoint import list_checkpoints
 from facelora.train.loop import Trainer
 
@@ -120,7 +120,7 @@ def test_training_on_a_float8_base(tmp_path, tiny_models, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plan_counts_the_float8_weights_exactly(tiny_models, family):
     folder = tiny_models[family] / "transformer"
-    cls = getattr(diffusers, FAMILY_CLASSES[family])
+    cls = getattr(diffusers, FAMILY_RECORDS[family].transformer_class)
     transformer = cls.from_pretrained(folder, dtype=torch.bfloat16, local_files_only=True)
     assert store_blocks_in_fp8(transformer, torch.device("cpu"), torch.bfloat16) > 0
     stored = sum(p.numel() * p.element_size() for p in transformer.parameters())

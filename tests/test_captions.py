@@ -3,8 +3,8 @@
 import pytest
 
 from facelora.config import CaptionsParams, Params, validate_params
+from facelora.errors import ModelFileMissing
 from facelora.prepare.captions import caption_for, lint_caption
-from facelora.prepare.faces.types import ModelFileMissing
 from facelora.prepare.vlm import VlmCaptioner, clean_instruction
 
 

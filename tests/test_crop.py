@@ -122,7 +122,8 @@ def test_alignment_on_a_rotated_real_portrait(tmp_path, astronaut_portrait):
     crop_shard(
         raw, out / "faces.parquet", out / "images.parquet", out / "crops", out / "c.parquet", params
     )
-    gather_crops([out / "c.parquet"], out / "crops")
+    crops_dir = out / "crops"
+    gather_crops([out / "c.parquet"], crops_dir, crops_dir / "crops.parquet", crops_dir / "r.csv")
     crops = pd.read_parquet(out / "crops" / "crops.parquet")
     row = crops[crops["status"] == "ok"].iloc[0]
     assert abs(row["angle"]) == pytest.approx(15, abs=4)

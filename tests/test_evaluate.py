@@ -13,6 +13,7 @@ from facelora.config import validate_params
 from facelora.evaluate import report
 from facelora.evaluate.run import Evaluator, evaluate_group
 from facelora.models.tiny import make_tiny_model
+from facelora.registry.layout import Layout
 from facelora.release.final import build_final
 from facelora.train.checkpoint import list_checkpoints
 from facelora.train.loop import train_phase
@@ -208,7 +209,7 @@ def test_choice_is_non_monotonic_and_constraints_come_first(tmp_path):
             10: {"identity_sim": 0.92, "lpips": 0.18},
         }
     )
-    choice = report.choose("one", summary, params, tmp_path)
+    choice = report.choose("one", summary, params, tmp_path / "one")
     assert choice["step"] == 10
     assert "2 of 3 checkpoints that meet every constraint" in choice["reason"]
     assert choice["lora"].endswith("one/checkpoints/step-000010/pytorch_lora_weights.safetensors")
@@ -224,11 +225,11 @@ def test_failures_count_against_a_checkpoint_and_none_meeting_is_said(tmp_path):
             4: {"identity_sim": 0.90, "failed": 0},
         }
     )
-    choice = report.choose("one", summary, params, tmp_path)
+    choice = report.choose("one", summary, params, tmp_path / "one")
     assert choice["step"] == 4 and choice["weights"] == "ema"
     assert "/ema/" in choice["lora"]
     lows = _summary({2: {"identity_sim": 0.5}, 4: {"identity_sim": 0.6}})
-    choice = report.choose("one", lows, params, tmp_path)
+    choice = report.choose("one", lows, params, tmp_path / "one")
     assert choice["step"] == 4 and choice["reason"].startswith("no checkpoint meets")
 
 
@@ -249,10 +250,19 @@ def test_reports_choice_and_final_lora(trained, tmp_path):
         runs / "one" / "group-0",
         evaluator,
     )
-    choice = report.write_choice("one", params, results / "eval", results / "train")
+    layout = Layout(str(results))
+    choice = report.write_choice("one", params, layout, Path(layout.best("one")))
     assert (runs / "one" / "best.json").is_file() and choice["step"] in (2, 4)
     one_phase = params.model_copy(update={"phases": params.phases[:1]})
-    summary = report.write_report(one_phase, results / "eval", validation)
+    summary = report.write_report(
+        one_phase,
+        layout,
+        validation,
+        Path(layout.eval_metrics()),
+        Path(layout.eval_summary()),
+        {"one": Path(layout.eval_plot("one"))},
+        {"one": Path(layout.contact_sheet("one"))},
+    )
     assert set(summary) >= {"base", "one", "metrics", "chosen"}
     assert summary["chosen"]["one"]["step"] == choice["step"]
     assert summary["one"]["2"]["failed"] == 2 and summary["one"]["4"]["pairs"] == 2

@@ -26,8 +26,9 @@ from facelora.config import (
     InsightfaceParams,
     UltralyticsParams,
 )
+from facelora.errors import ModelFileMissing
 from facelora.prepare.faces.backends import make_backend
-from facelora.prepare.faces.types import Detection, ModelFileMissing
+from facelora.prepare.faces.types import Detection
 
 # --- tiny ONNX models shaped like an InsightFace pack ---------------------------------------
 

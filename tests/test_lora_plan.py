@@ -13,7 +13,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
-from facelora.models.lora_targets import PRESETS, describe_block, target_modules, target_modules_for
+from facelora.models.lora_targets import describe_block, target_modules, target_modules_for
 from facelora.models.plan import (
     adapter_metadata_allowance,
     format_plan,
@@ -22,6 +22,9 @@ from facelora.models.plan import (
     safetensors_header_bytes,
 )
 from facelora.models.real_configs import KLEIN_9B_CONFIG, QWEN_IMAGE_CONFIG
+from facelora.registry.families import FAMILIES
+
+PRESETS = {name: record.presets for name, record in FAMILIES.items()}
 
 # Tiny configs: 2 double blocks (+ 3 single blocks for Flux2, a different count so that a mix-up
 # of the two stacks shows), width 2 heads x 16 = 32. Qwen's rope axes must sum to the head dim.

@@ -23,7 +23,6 @@ from skimage import data as skdata
 
 from facelora.config import FacesParams
 from facelora.evaluate.metrics import (
-    METRIC_NAMES,
     BackgroundSSIM,
     CLIPScore,
     IdentitySimilarity,
@@ -36,6 +35,7 @@ from facelora.evaluate.metrics import (
     to_rgb,
 )
 from facelora.prepare.pairs.quality import face_mask
+from facelora.registry.scores import METRIC_NAMES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

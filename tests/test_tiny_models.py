@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from facelora.models import tiny
-from facelora.models.tiny import FAMILIES, MARKER, make_tiny_model, small_reference_sizes
+from facelora.models.tiny import MARKER, make_tiny_model, small_reference_sizes
+from facelora.registry.families import FAMILY_NAMES as FAMILIES
 
 COMPONENTS = {
     "qwen_image_edit": (

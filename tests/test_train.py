@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from facelora.config import validate_params
 from facelora.models import lora_io
 from facelora.models.adapters import ModelRefused, check_model_folder, load_adapter
+from facelora.registry.layout import Layout
 from facelora.train.checkpoint import list_checkpoints
 from facelora.train.loop import Trainer, TrainingDiverged, train_phase
 from facelora.train.optim import lr_lambda
@@ -319,7 +320,7 @@ def test_next_phase_starts_from_the_previous_lora(tmp_path, tiny_models):
         cache_dir=tmp_path / "c",
         show_progress=False,
     )
-    init = resolve_init(params, "two", tmp_path / "train", tmp_path / "eval")
+    init = resolve_init(params, "two", Layout(str(tmp_path)))
     assert init == list_checkpoints(tmp_path / "train" / "one")[-1][1] / lora_io.DIFFUSERS_WEIGHTS
     second = Trainer(
         "two", data, tmp_path / "train" / "two", params, init_lora=init, cache_dir=tmp_path / "c"
@@ -328,7 +329,7 @@ def test_next_phase_starts_from_the_previous_lora(tmp_path, tiny_models):
     now = lora_io.lora_state(second.adapter.transformer)
     assert all(torch.equal(now[k], expected[k]) for k in expected)
     with pytest.raises(FileNotFoundError, match="train one first"):
-        resolve_init(params, "two", tmp_path / "nowhere", tmp_path / "eval")
+        resolve_init(params, "two", Layout(str(tmp_path / "nowhere")))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_models, monkeypatch):
@@ -631,7 +632,8 @@ def test_text_encoder_lora_is_trained_and_saved(tmp_path, tiny_models, family):
 
 
 def test_buckets_keep_aspect_and_never_mix_in_a_batch(tmp_path):
-    from facelora.train.data import Sample, bucket_size
+    from facelora.models.adapters import bucket_size
+    from facelora.train.data import Sample
     from facelora.train.loop import epoch_batches
 
     assert bucket_size(1024, 1024, 1024) == (1024, 1024)

@@ -19,9 +19,9 @@ from PIL import Image
 from tiny_vlm import IMAGE_TOKENS, LAYOUTS, build_tiny_qwen2_5_vl
 
 from facelora.config import VlmParams, validate_params
+from facelora.errors import ModelFileMissing
 from facelora.io.tables import read_rows
 from facelora.prepare.captions import caption_pairs
-from facelora.prepare.faces.types import ModelFileMissing
 from facelora.prepare.pairs.score import PAIRS
 from facelora.prepare.vlm import VlmCaptioner
 
@@ -146,7 +146,14 @@ def test_caption_pairs_uses_the_vlm(tiny_models, pairs_dir, tmp_path):
             }
         }
     )
-    stats = caption_pairs(pairs_path, tmp_path, params)
+    stats = caption_pairs(
+        pairs_path,
+        pairs_path.parent,
+        params,
+        tmp_path / "captions.parquet",
+        tmp_path / "lint.csv",
+        tmp_path / "rejected.csv",
+    )
     captions = {row["pair_id"]: row for row in read_rows(tmp_path / "captions.parquet")}
     assert set(captions) == {"p1", "p2"} and stats["captioned"] == 2
     assert captions["p1"]["status"] == "ok"

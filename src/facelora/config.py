@@ -21,39 +21,18 @@ from pydantic import (
     model_validator,
 )
 
+from facelora.errors import SettingsError
+from facelora.registry.families import FAMILY_NAMES
+from facelora.registry.families import family as get_family
+from facelora.registry.scores import EvalMetric, ScoreName
+
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
-# Score columns of results/pairs/pairs.parquet that phases may filter or rank on, and
-# whether a higher value is better (the default ranking direction).
-SCORE_COLUMNS: dict[str, bool] = {
-    "quality": True,
-    "identity_sim": True,
-    "identity_sim_ref": True,
-    "skin_delta_e": False,
-    "skin_delta_e_ref": False,
-    "hair_sim": True,
-    "pose_diff": False,
-    "bg_ssim": True,
-    "resolution": True,
-    "face_score": True,
-}
-ScoreName = Literal[
-    "quality",
-    "identity_sim",
-    "identity_sim_ref",
-    "skin_delta_e",
-    "skin_delta_e_ref",
-    "hair_sim",
-    "pose_diff",
-    "bg_ssim",
-    "resolution",
-    "face_score",
-]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-class ParamsError(ValueError):
+class ParamsError(SettingsError):
     """params.yaml is missing, unreadable or has bad values; the message names each key."""
 
 
@@ -341,11 +320,9 @@ def _default_phases() -> list[PhaseParams]:
 
 # --- model, LoRA and training -------------------------------------------------------------
 
-FAMILIES = ("qwen_image_edit", "flux2_klein")
-
 
 class ModelParams(Section):
-    family: Literal["qwen_image_edit", "flux2_klein"] = "qwen_image_edit"
+    family: Literal[FAMILY_NAMES] = "qwen_image_edit"  # facelora.registry.families
     # a local diffusers folder (never downloaded); the default is the tiny random model that
     # `facelora make-tiny-model` builds for the demo and the tests
     path: str = "results/models/tiny-qwen_image_edit"
@@ -356,16 +333,8 @@ class ModelParams(Section):
     quantize: Literal["none", "nf4", "int8", "fp8"] = "none"
 
 
-# The recipe's LoRA per family: Qwen full preset, rank 64, alpha 2 x rank; Klein double-stream
-# blocks (best face similarity in A/B tests), rank 128, alpha 64.
-LORA_RECIPE = {
-    "qwen_image_edit": {"preset": "full", "rank": 64, "alpha_per_rank": 2.0},
-    "flux2_klein": {"preset": "double_stream", "rank": 128, "alpha_per_rank": 0.5},
-}
-
-
 class LoraParams(Section):
-    # None: the family's recipe (LORA_RECIPE). qwen_image_edit: full | attention |
+    # None: the family's recipe (facelora.registry.families). qwen_image_edit: full | attention |
     # image_stream; flux2_klein: all_blocks | double_stream | single_stream | blocks;
     # or a list of module names
     preset: str | list[str] | None = None
@@ -377,13 +346,13 @@ class LoraParams(Section):
 
     def for_family(self, family: str) -> LoraParams:
         """These settings with every None replaced by the family's recipe value."""
-        recipe = LORA_RECIPE[family]
-        rank = self.rank if self.rank is not None else recipe["rank"]
+        recipe = get_family(family).recipe
+        rank = self.rank if self.rank is not None else recipe.rank
         return self.model_copy(
             update={
-                "preset": self.preset if self.preset is not None else recipe["preset"],
+                "preset": self.preset if self.preset is not None else recipe.preset,
                 "rank": rank,
-                "alpha": self.alpha if self.alpha is not None else recipe["alpha_per_rank"] * rank,
+                "alpha": self.alpha if self.alpha is not None else recipe.alpha_per_rank * rank,
             }
         )
 
@@ -451,14 +420,6 @@ class TrainParams(Section):
 
 
 # --- evaluation, choice, final LoRA -------------------------------------------------------
-
-EVAL_METRICS: dict[str, bool] = {  # metric -> higher is better
-    "identity_sim": True,
-    "lpips": False,
-    "bg_ssim": True,
-    "clip_score": True,
-}
-EvalMetric = Literal["identity_sim", "lpips", "bg_ssim", "clip_score"]
 
 
 class EvalParams(Section):

@@ -45,18 +45,25 @@ from typing import Any
 import cv2
 import numpy as np
 from PIL import Image
+from pydantic import ValidationError
 from skimage.metrics import structural_similarity
 
-from facelora.config import SAME_PERSON_SIMILARITY, FacesParams, ImagesParams
+from facelora.config import SAME_PERSON_SIMILARITY, EvalParams, FacesParams, ImagesParams
+from facelora.errors import ModelFileMissing, SettingsError
 from facelora.prepare.faces.backends import FaceBackend, make_backend
-from facelora.prepare.faces.types import Face, ModelFileMissing
+from facelora.prepare.faces.types import Face
 from facelora.prepare.pairs.quality import face_mask
 
 NAN = float("nan")
-METRIC_NAMES = ("identity_sim", "lpips", "bg_ssim", "clip_score")
-IDENTITY_BACKENDS = ("auto", "insightface", "dlib")
-LPIPS_NETS = ("alex", "vgg", "squeeze")
-MIN_ANALYSIS_SIZE = 64  # LPIPS backbones and the 7x7 SSIM window need at least this
+# the metric settings that EvalParams validates (the rest of MetricSettings is context)
+EVAL_KEYS = (
+    "identity_backend",
+    "lpips_net",
+    "lpips_backbone",
+    "bg_mask_dilation",
+    "clip_model",
+    "analysis_size",
+)
 MIN_BACKGROUND_PX = 64  # fewer pixels outside the face: no background to judge
 
 
@@ -75,15 +82,13 @@ class MetricSettings:
     section: str = "metrics"
 
     def __post_init__(self) -> None:
-        checks = [
-            ("identity_backend", self.identity_backend in IDENTITY_BACKENDS, IDENTITY_BACKENDS),
-            ("lpips_net", self.lpips_net in LPIPS_NETS, LPIPS_NETS),
-            ("analysis_size", self.analysis_size >= MIN_ANALYSIS_SIZE, f">= {MIN_ANALYSIS_SIZE}"),
-            ("bg_mask_dilation", 0.0 <= self.bg_mask_dilation <= 2.0, "0 .. 2"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{self.key(name)}: got {getattr(self, name)!r}, use {allowed}")
+        # the settings schema's own checks (EvalParams), reported under this section's keys
+        values = {name: getattr(self, name) for name in EVAL_KEYS}
+        try:
+            EvalParams(**values)
+        except ValidationError as exc:
+            problems = [f"{self.key(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors()]
+            raise SettingsError("; ".join(problems)) from None
 
     def key(self, name: str) -> str:
         return f"{self.section}.{name}" if self.section else name

@@ -1,12 +1,9 @@
 """Evaluation results in one place: the metrics table, per-checkpoint means, plots, contact
-sheets, and the best checkpoint of each phase (the choice and its reason written down).
-
-    results/eval/phases/PHASE/...     each evaluation job's rows and images (base: no LoRA)
-    results/eval/phases/PHASE/best.json  the chosen checkpoint, its score and why
-    results/eval/metrics.csv          every (checkpoint, pair) row, failures included
-    results/eval/summary.json         per phase and step: metric means, failures (DVC metrics)
-    results/eval/plots/PHASE.png      each metric against step, the base model dashed
-    results/eval/contact/PHASE.png    source | target | base | each checkpoint, per pair
+sheets, and the best checkpoint of each phase (the choice and its reason written down). The
+paths are the results layout's (facelora.registry.layout): each phase's `best.json`, and
+`eval/metrics.csv`, `eval/summary.json` (DVC metrics), `eval/plots/PHASE.png` (each metric
+against step, the base model dashed), `eval/contact/PHASE.png` (source | target | base | each
+checkpoint, per pair).
 """
 
 from __future__ import annotations
@@ -23,9 +20,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from facelora.config import EVAL_METRICS, Params
-from facelora.evaluate.run import BASE, COLUMNS, lora_file
+from facelora.config import Params
+from facelora.errors import SettingsError
+from facelora.evaluate.run import COLUMNS, lora_file
 from facelora.io.atomic import atomic_path, write_csv, write_json
+from facelora.registry.layout import BASE, Layout
+from facelora.registry.scores import EVAL_METRICS
 
 
 def gather(tables: list[Path]) -> pd.DataFrame:
@@ -76,12 +76,12 @@ def score(entry: dict, params: Params) -> tuple[float, list[str]]:
     return total * share, violations
 
 
-def choose(phase: str, summary: dict, params: Params, train_root: Path) -> dict:
+def choose(phase: str, summary: dict, params: Params, train_dir: Path) -> dict:
     """The best checkpoint of a phase: among those meeting every constraint the highest score;
     if none meets them, the highest score anyway, and the choice says so."""
     steps = summary.get(phase, {})
     if not steps:
-        raise ValueError(f"no evaluation rows for phase {phase}: evaluate it first")
+        raise SettingsError(f"no evaluation rows for phase {phase}: evaluate it first")
     table = []
     for step, entry in steps.items():
         value, violations = score(entry, params)
@@ -109,7 +109,7 @@ def choose(phase: str, summary: dict, params: Params, train_root: Path) -> dict:
             f"no checkpoint meets the constraints ({'; '.join(best['violations'])}): "
             f"chose the highest score ({best['score']:.4f}) anyway"
         )
-    lora = lora_file(train_root / phase, best["step"], params.eval.use_ema)
+    lora = lora_file(train_dir, best["step"], params.eval.use_ema)
     return {
         "phase": phase,
         "step": best["step"],
@@ -151,7 +151,7 @@ def plot_phase(phase: str, summary: dict, out: Path) -> None:
 
 
 def contact_sheet(
-    phase: str, frame: pd.DataFrame, eval_root: Path, validation: Path, out: Path, tile: int = 128
+    phase: str, frame: pd.DataFrame, layout: Layout, validation: Path, out: Path, tile: int = 128
 ) -> None:
     """One row per validation pair: source | target | base | each checkpoint's output."""
     from facelora.io.datasets import read_manifest
@@ -180,7 +180,7 @@ def contact_sheet(
         hit = table[(table["pair_id"] == pair_id) & (table["step"] == step)]
         if hit.empty or not isinstance(hit.iloc[0]["image"], str):
             return None
-        return eval_root / phase_dir / hit.iloc[0]["image"]
+        return Path(layout.eval_phase_dir(phase_dir)) / hit.iloc[0]["image"]
 
     for r, pid in enumerate(pairs):
         paste(validation / manifest[pid]["start"], r, 0)
@@ -192,21 +192,19 @@ def contact_sheet(
         sheet.save(tmp, format="PNG")
 
 
-RUNS = "phases"  # results/eval/phases/<phase>: the jobs' outputs, apart from the reports
+def group_tables(layout: Layout, params: Params, phase: str) -> list[Path]:
+    """The tables of a phase's evaluation jobs, in job order (the rule's inputs)."""
+    groups = range(len(params.eval_groups(phase)))
+    return [Path(layout.eval_group_metrics(phase, g)) for g in groups]
 
 
-def phase_tables(eval_root: Path, phase: str) -> list[Path]:
-    runs = eval_root / RUNS
-    return [runs / BASE / "metrics.csv", *sorted((runs / phase).glob("group-*/metrics.csv"))]
-
-
-def write_choice(phase: str, params: Params, eval_root: Path, train_root: Path) -> dict:
+def write_choice(phase: str, params: Params, layout: Layout, out: Path) -> dict:
     """The best checkpoint of one phase, from its own rows and the base rows only, so the
     next phase can start from it before later phases are evaluated. For `base` (the model
     alone) the record says so: what the first phase comes after."""
     if phase == BASE:
-        if not (eval_root / RUNS / BASE / "metrics.csv").is_file():
-            raise ValueError("no evaluation rows for the base model: evaluate it first")
+        if not Path(layout.base_metrics()).is_file():
+            raise SettingsError("no evaluation rows for the base model: evaluate it first")
         choice = {
             "phase": BASE,
             "step": 0,
@@ -215,53 +213,63 @@ def write_choice(phase: str, params: Params, eval_root: Path, train_root: Path) 
             "score": None,
             "reason": "the model without a LoRA: the reference row, and the first phase's start",
         }
-        write_json(eval_root / RUNS / BASE / "best.json", choice)
+        write_json(out, choice)
         return choice
-    choice = choose(phase, summarize(gather(phase_tables(eval_root, phase))), params, train_root)
-    write_json(eval_root / RUNS / phase / "best.json", choice)
+    tables = [Path(layout.base_metrics()), *group_tables(layout, params, phase)]
+    choice = choose(phase, summarize(gather(tables)), params, Path(layout.train_dir(phase)))
+    write_json(out, choice)
     return choice
 
 
-def write_report(params: Params, eval_root: Path, validation: Path) -> dict:
-    """All rows, per-checkpoint means (DVC metrics), a plot and a contact sheet per phase."""
-    runs = eval_root / RUNS
-    tables = [runs / BASE / "metrics.csv"]
+def write_report(
+    params: Params,
+    layout: Layout,
+    validation: Path,
+    metrics_out: Path,
+    summary_out: Path,
+    plots: dict[str, Path],
+    sheets: dict[str, Path],
+) -> dict:
+    """All rows (`metrics_out`), per-checkpoint means (`summary_out`, DVC metrics), a plot and
+    a contact sheet per phase (`plots`, `sheets`: phase -> PNG)."""
+    tables = [Path(layout.base_metrics())]
     for phase in params.phase_names:
-        tables += sorted((runs / phase).glob("group-*/metrics.csv"))
+        tables += group_tables(layout, params, phase)
     frame = gather(tables)
-    write_csv(eval_root / "metrics.csv", frame)
+    write_csv(metrics_out, frame)
     summary = summarize(frame)
-    backends = runs / BASE / "metrics_backends.json"
+    backends = Path(layout.metric_backends(layout.base_dir()))
     if backends.is_file():  # which model computed each metric, or why it could not
         summary["metrics"] = json.loads(backends.read_text())
     # each phase's chosen checkpoint with its means: what `dvc exp show` puts beside the params
     chosen = {}
     for phase in params.phase_names:
-        best = runs / phase / "best.json"
+        best = Path(layout.best(phase))
         if best.is_file():
             step = json.loads(best.read_text())["step"]
             chosen[phase] = {"step": step, **summary.get(phase, {}).get(str(step), {})}
     summary["chosen"] = chosen
-    write_json(eval_root / "summary.json", summary, sort_keys=False)
+    write_json(summary_out, summary, sort_keys=False)
     for phase in params.phase_names:
-        plot_phase(phase, summary, eval_root / "plots" / f"{phase}.png")
+        plot_phase(phase, summary, plots[phase])
         contact_sheet(
             phase,
-            _with_group_paths(frame, runs, phase),
-            runs,
+            _with_group_paths(frame, layout, phase),
+            layout,
             validation,
-            eval_root / "contact" / f"{phase}.png",
+            sheets[phase],
         )
     return summary
 
 
-def _with_group_paths(frame: pd.DataFrame, runs: Path, phase: str) -> pd.DataFrame:
-    """Image paths of a phase's rows relative to runs/phase (they live in group dirs)."""
+def _with_group_paths(frame: pd.DataFrame, layout: Layout, phase: str) -> pd.DataFrame:
+    """Image paths of a phase's rows relative to its evaluation folder (they live in the
+    folders of its evaluation jobs)."""
     out = frame.copy()
-    mask = out["phase"] == phase
-    for i in out.index[mask]:
+    root = Path(layout.eval_phase_dir(phase))
+    for i in out.index[out["phase"] == phase]:
         image = out.at[i, "image"]
         if isinstance(image, str):
-            found = list((runs / phase).glob(f"group-*/{image}"))
-            out.at[i, "image"] = str(found[0].relative_to(runs / phase)) if found else None
+            found = list(root.glob(f"group-*/{image}"))
+            out.at[i, "image"] = str(found[0].relative_to(root)) if found else None
     return out

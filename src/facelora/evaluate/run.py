@@ -19,17 +19,18 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from facelora.config import EVAL_METRICS, Params
+from facelora.config import Params
+from facelora.errors import SettingsError
 from facelora.io.atomic import write_csv, write_json, write_png
 from facelora.io.datasets import read_manifest
 from facelora.io.progress import progress
 from facelora.models import lora_io
-from facelora.models.adapters import resolve_device
+from facelora.models.adapters import bucket_size, resolve_device
 from facelora.prepare.captions import strip_trigger
-from facelora.train.checkpoint import checkpoint_dir
+from facelora.registry.layout import BASE, CHECKPOINTS, Layout, checkpoint_name
+from facelora.registry.scores import EVAL_METRICS
 
 log = logging.getLogger(__name__)
-BASE = "base"  # the phase name of the reference rows: the model without any LoRA
 BACKEND_COLUMNS = [f"{m}_backend" for m in EVAL_METRICS]
 COLUMNS = [
     "phase",
@@ -74,13 +75,12 @@ def read_validation(folder: str | Path, trigger: str) -> list[ValidationPair]:
 
 
 def lora_file(train_dir: Path, step: int, use_ema: bool) -> Path:
-    folder = checkpoint_dir(train_dir, step)
+    """The diffusers-layout LoRA of checkpoint `step` in a phase's training folder."""
+    folder = Path(train_dir) / CHECKPOINTS / checkpoint_name(step)
     return (folder / "ema" if use_ema else folder) / lora_io.DIFFUSERS_WEIGHTS
 
 
 def _eval_size(path: Path, resolution: int) -> tuple[int, int]:
-    from facelora.train.data import bucket_size
-
     with Image.open(path) as im:
         return bucket_size(im.width, im.height, resolution)
 
@@ -204,11 +204,17 @@ def evaluate_group(
     train_dir: Path | None,
     out: Path,
     evaluator: Evaluator | None = None,
+    metrics_out: Path | None = None,
+    backends_out: Path | None = None,
 ) -> pd.DataFrame:
-    """Evaluate `steps` of `phase` (phase `base`: the model alone) into out/metrics.csv."""
+    """Evaluate `steps` of `phase` (phase `base`: the model alone): the generated images in
+    `out`, the rows in `metrics_out`, the metric backends in `backends_out` (default: the
+    layout's names in `out`)."""
     pairs = read_validation(validation, params.captions.trigger)
     if not pairs:
-        raise ValueError(f"{validation} holds no validation pairs: raise split.validation_fraction")
+        raise SettingsError(
+            f"{validation} holds no validation pairs: raise split.validation_fraction"
+        )
     evaluator = evaluator or Evaluator(params)
     rows = []
     jobs = (
@@ -219,6 +225,6 @@ def evaluate_group(
     for step, lora in progress(jobs, desc=f"evaluate {phase}", unit="ckpt"):
         rows.extend(evaluator.evaluate(phase, step, lora, pairs, out))
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    write_json(out / "metrics_backends.json", evaluator.metrics.describe())
-    write_csv(out / "metrics.csv", frame)
+    write_json(backends_out or Layout.metric_backends(Path(out)), evaluator.metrics.describe())
+    write_csv(metrics_out or Path(out) / Layout.METRICS, frame)
     return frame

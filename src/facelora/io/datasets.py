@@ -18,8 +18,8 @@ import os
 import shutil
 from pathlib import Path
 
-from facelora.config import SCORE_COLUMNS
 from facelora.io.atomic import link_or_copy, write_text
+from facelora.registry.scores import SCORE_COLUMNS
 
 MANIFEST = "manifest.jsonl"
 

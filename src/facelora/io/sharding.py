@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from facelora.errors import SettingsError
+
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 
 
@@ -12,7 +14,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     """'2/8' -> (2, 8): shard index (0-based) of a count."""
     m = _SHARD.match(text.strip())
     if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
-        raise ValueError(f"--shard {text!r}: use INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 0/4")
+        raise SettingsError(f"--shard {text!r}: use INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 0/4")
     return int(m.group(1)), int(m.group(2))
 
 

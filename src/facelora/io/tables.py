@@ -6,7 +6,6 @@ unsharded ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from facelora.errors import MissingInput
 from facelora.io.atomic import atomic_path
 
 POINT = pa.list_(pa.float32(), 2)
@@ -77,11 +77,6 @@ CROPS = pa.schema(
 REJECTED = ["image", "reason"]
 
 
-def table_from_rows(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
-    rows = list(rows)
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
 class ParquetRowWriter:
     """Stream rows into a Parquet file in row groups (bounded memory); atomic on close."""
 
@@ -126,7 +121,7 @@ class ParquetRowWriter:
 def read_table(path: str | Path, schema: pa.Schema | None = None) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the step that writes it first")
+        raise MissingInput(f"{path} not found: run the step that writes it first")
     return pq.read_table(path, schema=schema).to_pandas()
 
 
@@ -134,7 +129,7 @@ def read_rows(path: str | Path, schema: pa.Schema | None = None) -> list[dict]:
     """Rows as dicts with None (not NaN) for missing values."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the step that writes it first")
+        raise MissingInput(f"{path} not found: run the step that writes it first")
     return pq.read_table(path, schema=schema).to_pylist()
 
 

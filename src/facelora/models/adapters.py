@@ -20,32 +20,40 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from facelora.prepare.faces.types import ModelFileMissing
+from facelora.errors import ModelFileMissing, SettingsError
+from facelora.registry.families import Family
+from facelora.registry.families import family as get_family
 
-MAX_REFERENCES = {"qwen_image_edit": 3, "flux2_klein": 4}  # besides the start image (Klein)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ModelRefused(ValueError):
+class ModelRefused(SettingsError):
     """The model folder is not one facelora can train (the message says why)."""
 
 
-@dataclass
-class TextEncoding:
-    """A cached prompt encoding: per-token embeddings (no padding) and what is needed to use it."""
-
-    embeds: torch.Tensor  # (L, D)
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """model.dtype's name as a torch dtype (a dtype passes through)."""
+    return DTYPES[name] if isinstance(name, str) else name
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+def reference_sizes(family: str, model_folder: str | Path | None) -> AbstractContextManager:
+    """The pipeline's reference image sizes for the duration: lowered for the tiny test
+    models of a family whose pipeline fixes them (training and sampling alike, so the start
+    latents the transformer sees at inference are the ones it was trained with); the real
+    ones otherwise."""
+    from facelora.models.tiny import read_marker, small_reference_sizes
+
+    tiny = model_folder is not None and read_marker(model_folder) is not None
+    if tiny and get_family(family).fixed_reference_sizes:
+        return small_reference_sizes()
+    return nullcontext()
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -65,23 +73,34 @@ def check_model_folder(path: str | Path, family: str) -> dict:
             f"`facelora make-tiny-model {family} {path}`"
         )
     info = json.loads(index.read_text())
-    expected = {"qwen_image_edit": "QwenImageEditPlusPipeline", "flux2_klein": "Flux2KleinPipeline"}
-    if info.get("_class_name") != expected[family]:
+    record = get_family(family)
+    if info.get("_class_name") != record.pipeline_class:
         raise ModelRefused(
             f"model.path = {path} holds a {info.get('_class_name')}, not the "
-            f"{expected[family]} that model.family {family} trains"
+            f"{record.pipeline_class} that model.family {family} trains"
         )
-    if family == "flux2_klein" and info.get("is_distilled"):
-        raise ModelRefused(
-            f"model.path = {path} is the step-distilled FLUX.2 Klein: LoRAs must be trained on "
-            f"the base model (FLUX.2-klein-base), whose sampling they then transfer to"
-        )
+    for flag, reason in record.refused_flags.items():
+        if info.get(flag):
+            raise ModelRefused(f"model.path = {path} {reason}")
     return info
 
 
+ADAPTERS: dict[str, type[FamilyAdapter]] = {}  # family name -> adapter (filled by subclasses)
+
+
 class FamilyAdapter:
+    """What training needs of a family's pipeline. A subclass names its registry record
+    (`family`) and registers itself; the record holds the family's facts."""
+
     family: str
-    pipeline_class_name: str
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        ADAPTERS[get_family(cls.family).name] = cls
+
+    @property
+    def record(self) -> Family:
+        return get_family(self.family)
 
     def __init__(
         self,
@@ -94,7 +113,7 @@ class FamilyAdapter:
         check_model_folder(path, self.family)
         self.path = Path(path)
         self.device = device
-        self.dtype = _dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         self.pipe = load_quantized_pipeline(
             self.family, self.path, self.dtype, device, quantize, transformer_device
         )
@@ -102,9 +121,6 @@ class FamilyAdapter:
             getattr(self.pipe, name).requires_grad_(False)
         self.transformer = self.pipe.transformer
         self.encoders_aside = False
-        from facelora.models.tiny import read_marker
-
-        self.tiny = read_marker(self.path) is not None
 
     # -- the encoders' place -----------------------------------------------------------------
 
@@ -134,22 +150,8 @@ class FamilyAdapter:
             for name in self.ENCODERS:
                 getattr(self.pipe, name).to("cpu")
 
-    @staticmethod
-    def transformer_class(diffusers):
-        raise NotImplementedError
-
-    def reference_sizes(self):
-        """The pipeline's reference image sizes: lowered for the tiny test models (as their
-        inference does), the real ones otherwise."""
-        from contextlib import nullcontext
-
-        from facelora.models.tiny import small_reference_sizes
-
-        return (
-            small_reference_sizes()
-            if self.tiny and self.family == "qwen_image_edit"
-            else nullcontext()
-        )
+    def reference_sizes(self) -> AbstractContextManager:
+        return reference_sizes(self.family, self.path)
 
     # -- identity for caches -----------------------------------------------------------------
 
@@ -195,11 +197,6 @@ class FamilyAdapter:
 
 class QwenImageEdit(FamilyAdapter):
     family = "qwen_image_edit"
-    pipeline_class_name = "QwenImageEditPlusPipeline"
-
-    @staticmethod
-    def transformer_class(diffusers):
-        return diffusers.QwenImageTransformer2DModel
 
     def encode_latents(self, image: torch.Tensor) -> torch.Tensor:
         pixels = image.to(self.device, self.dtype).unsqueeze(2)  # (1, 3, 1, H, W): video VAE
@@ -250,22 +247,12 @@ class QwenImageEdit(FamilyAdapter):
         return pred.reshape(b, c, h, w)
 
     def default_shift(self, latents: torch.Tensor) -> float:
-        from facelora.train.sampling import linear_shift_mu, shift_from_mu
-
         seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
         return shift_from_mu(linear_shift_mu(seq_len, dict(self.pipe.scheduler.config)))
 
 
 class Flux2Klein(FamilyAdapter):
     family = "flux2_klein"
-    pipeline_class_name = "Flux2KleinPipeline"
-
-    @staticmethod
-    def transformer_class(diffusers):
-        return diffusers.Flux2Transformer2DModel
-
-    text_layers = (9, 18, 27)  # the pipeline's default text_encoder_out_layers
-    max_text_tokens = 512  # the pipeline's default max_sequence_length
 
     def encode_latents(self, image: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -278,8 +265,8 @@ class Flux2Klein(FamilyAdapter):
             embeds, _ = self.pipe.encode_prompt(
                 prompt=[caption],
                 device=self.device,
-                max_sequence_length=self.max_text_tokens,
-                text_encoder_out_layers=self.text_layers,
+                max_sequence_length=self.record.max_text_tokens,
+                text_encoder_out_layers=self.record.text_encoder_out_layers,
             )
         return embeds[0]  # (512, D): Klein attends to its padding too, as at inference
 
@@ -313,6 +300,19 @@ class Flux2Klein(FamilyAdapter):
         return math.exp(compute_empirical_mu(image_seq_len=seq_len, num_steps=50))
 
 
+def linear_shift_mu(seq_len: int, config: dict) -> float:
+    """Qwen-Image's resolution-dependent mu (its scheduler config's base/max shift)."""
+    base_len = config.get("base_image_seq_len", 256)
+    max_len = config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (top - base) / (max_len - base_len)
+    return seq_len * slope + (base - slope * base_len)
+
+
+def shift_from_mu(mu: float) -> float:
+    return math.exp(mu)
+
+
 def _grad(enabled: bool):
     return torch.enable_grad() if enabled else torch.no_grad()
 
@@ -326,9 +326,6 @@ def _pad_text(text: list[torch.Tensor], device, dtype) -> tuple[torch.Tensor, to
         embeds[i, : t.shape[0]] = t.to(device, dtype)
         mask[i, : t.shape[0]] = 1
     return embeds, (None if bool(mask.all()) else mask)
-
-
-ADAPTERS = {"qwen_image_edit": QwenImageEdit, "flux2_klein": Flux2Klein}
 
 
 def load_quantized_pipeline(
@@ -345,7 +342,7 @@ def load_quantized_pipeline(
     transformer_device = transformer_device or device
     import diffusers
 
-    adapter = ADAPTERS[family]
+    record = get_family(family)
     extra = {}
     bitsandbytes = quantize in ("nf4", "int8")
     if bitsandbytes:
@@ -360,14 +357,14 @@ def load_quantized_pipeline(
             )
         else:
             config = diffusers.BitsAndBytesConfig(load_in_8bit=True)
-        extra["transformer"] = adapter.transformer_class(diffusers).from_pretrained(
+        extra["transformer"] = getattr(diffusers, record.transformer_class).from_pretrained(
             path,
             subfolder="transformer",
             quantization_config=config,
             dtype=dtype,
             local_files_only=True,
         )
-    cls = getattr(diffusers, adapter.pipeline_class_name)
+    cls = getattr(diffusers, record.pipeline_class)
     pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     if quantize == "fp8":
@@ -391,7 +388,15 @@ def load_adapter(
     quantize: str = "none",
     transformer_device: torch.device | None = None,
 ) -> FamilyAdapter:
-    return ADAPTERS[family](path, dtype, device, quantize, transformer_device)
+    return ADAPTERS[get_family(family).name](path, dtype, device, quantize, transformer_device)
+
+
+def bucket_size(width: int, height: int, resolution: int, multiple: int = 16) -> tuple[int, int]:
+    """About resolution^2 pixels with the image's aspect ratio, sides a multiple of 16."""
+    aspect = width / height
+    w = max(multiple, round((resolution * aspect**0.5) / multiple) * multiple)
+    h = max(multiple, round((resolution / aspect**0.5) / multiple) * multiple)
+    return w, h
 
 
 def to_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:

@@ -13,18 +13,19 @@ sees is what a user of the released LoRA gets with `pipe.load_lora_weights(...)`
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from facelora.models.adapters import check_model_folder, load_quantized_pipeline
+from facelora.errors import MissingInput
+from facelora.models import adapters
+from facelora.models.adapters import check_model_folder, load_quantized_pipeline, torch_dtype
+from facelora.registry.families import Family, family_of_class
 
 LORA_ADAPTER = "facelora"  # the adapter name apply_lora gives the LoRA inside the pipeline
-QWEN_PIPELINE = "QwenImageEditPlusPipeline"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def load_pipeline(
@@ -42,8 +43,9 @@ def load_pipeline(
     Klein), so a LoRA is never evaluated on a model it was not trained for.
     """
     check_model_folder(path, family)
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    return load_quantized_pipeline(family, Path(path), torch_dtype, torch.device(device), quantize)
+    return load_quantized_pipeline(
+        family, Path(path), torch_dtype(dtype), torch.device(device), quantize
+    )
 
 
 def apply_lora(pipe: Any, lora_file: str | Path, scale: float = 1.0) -> None:
@@ -51,7 +53,7 @@ def apply_lora(pipe: Any, lora_file: str | Path, scale: float = 1.0) -> None:
     into the pipeline under one adapter name, at `scale`; an earlier one is replaced."""
     lora_file = Path(lora_file)
     if not lora_file.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {lora_file}")
+        raise MissingInput(f"LoRA file not found: {lora_file}")
     remove_lora(pipe)
     pipe.load_lora_weights(
         str(lora_file.parent), weight_name=lora_file.name, adapter_name=LORA_ADAPTER
@@ -70,17 +72,16 @@ def _model_folder(pipe: Any) -> Path | None:
     return Path(name) if name else None
 
 
-def reference_sizes(pipe: Any) -> AbstractContextManager:
-    """The Qwen edit pipeline's reference sizes lowered for the tiny test models, exactly as
-    training lowers them (`FamilyAdapter.reference_sizes`): the start latents the transformer
-    sees at inference must be the ones it was trained with. Unchanged for real models."""
-    from facelora.models.tiny import read_marker, small_reference_sizes
+def _family(pipe: Any) -> Family:
+    found = family_of_class(type(pipe).__name__)
+    if found is None:
+        raise TypeError(f"{type(pipe).__name__} is not the pipeline of a facelora model family")
+    return found
 
-    folder = _model_folder(pipe)
-    tiny = folder is not None and read_marker(folder) is not None
-    return (
-        small_reference_sizes() if tiny and type(pipe).__name__ == QWEN_PIPELINE else nullcontext()
-    )
+
+def reference_sizes(pipe: Any) -> AbstractContextManager:
+    """The pipeline's reference sizes, exactly as training sets them (tiny models)."""
+    return adapters.reference_sizes(_family(pipe).name, _model_folder(pipe))
 
 
 def _device(pipe: Any) -> torch.device:
@@ -120,7 +121,7 @@ def generate(
         "generator": generator,
         "output_type": output_type,
     }
-    if type(pipe).__name__ == QWEN_PIPELINE:
+    if _family(pipe).guidance == "true_cfg":
         if guidance is None:
             kwargs["true_cfg_scale"] = 1.0  # its default (4.0) would only log a warning
         else:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from facelora.config import LoraParams
+from facelora.errors import MissingInput, SettingsError
 from facelora.io import safetensors_io
 from facelora.models.lora_targets import target_modules_for
 
@@ -28,7 +29,7 @@ DIFFUSERS_PREFIX = "transformer."
 COMFYUI_PREFIX = "diffusion_model."
 
 
-class LoraMismatch(ValueError):
+class LoraMismatch(SettingsError):
     """A LoRA file that does not fit this model (another architecture or size)."""
 
 
@@ -152,7 +153,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A LoRA file of either layout -> (module-keyed tensors, adapter metadata or {})."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
+        raise MissingInput(f"LoRA file not found: {path}")
     raw = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         header = f.metadata() or {}

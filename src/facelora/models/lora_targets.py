@@ -16,100 +16,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-DOUBLE = "transformer_blocks"
-SINGLE = "single_transformer_blocks"
+from facelora.errors import SettingsError
+from facelora.registry.families import DOUBLE, SINGLE, Preset, family_of_class
+from facelora.registry.families import family as get_family
 
-# The diffusers class each family's transformer is built from.
-FAMILY_CLASSES: dict[str, str] = {
-    "qwen_image_edit": "QwenImageTransformer2DModel",
-    "flux2_klein": "Flux2Transformer2DModel",
-}
-
-_QWEN_ATTENTION = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
-_QWEN_MLP = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
-_FLUX2_DOUBLE = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.linear_in",
-    "ff.linear_out",
-    "ff_context.linear_in",
-    "ff_context.linear_out",
-)
-_FLUX2_SINGLE = ("attn.to_qkv_mlp_proj", "attn.to_out")
-
-# Every nn.Linear inside one block, relative to the block (what custom lists may name).
-# Qwen's adaLN Linears (img_mod.1, txt_mod.1) are LoRA-able but in no preset.
-BLOCK_LINEARS: dict[str, dict[str, tuple[str, ...]]] = {
-    "qwen_image_edit": {
-        DOUBLE: (*_QWEN_ATTENTION, *_QWEN_MLP, "img_mod.1", "txt_mod.1"),
-        SINGLE: (),
-    },
-    "flux2_klein": {DOUBLE: _FLUX2_DOUBLE, SINGLE: _FLUX2_SINGLE},
-}
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Block-relative module names for the double- and single-stream blocks."""
-
-    double: tuple[str, ...]
-    single: tuple[str, ...] = ()
-    needs_blocks: bool = False  # True: applies only to the blocks given in `blocks=`
-    doc: str = ""
-
-
-PRESETS: dict[str, dict[str, Preset]] = {
-    "qwen_image_edit": {
-        "full": Preset(
-            (*_QWEN_ATTENTION, *_QWEN_MLP), doc="attention (both streams) + img/txt MLPs"
-        ),
-        "attention": Preset(_QWEN_ATTENTION, doc="joint attention of both streams"),
-        "image_stream": Preset(
-            ("attn.to_q", "attn.to_k", "attn.to_v", "img_mlp.net.0.proj", "img_mlp.net.2"),
-            doc="q/k/v + the image-stream MLP",
-        ),
-    },
-    "flux2_klein": {
-        "all_blocks": Preset(_FLUX2_DOUBLE, _FLUX2_SINGLE, doc="every Linear of every block"),
-        "double_stream": Preset(
-            _FLUX2_DOUBLE, doc="double-stream blocks only (best face similarity in A/B tests)"
-        ),
-        "single_stream": Preset((), _FLUX2_SINGLE, doc="single-stream blocks only"),
-        "blocks": Preset(
-            _FLUX2_DOUBLE,
-            _FLUX2_SINGLE,
-            needs_blocks=True,
-            doc="all_blocks targets on the selected blocks (double first, then single)",
-        ),
-    },
-}
+# The presets and block Linears of each family are family facts: facelora.registry.families.
 
 _QUALIFIED = re.compile(rf"^({SINGLE}|{DOUBLE})\.(\d+)\.(.+)$")
 
 
 def check_family(family: str) -> None:
-    if family not in PRESETS:
-        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(PRESETS)}")
+    get_family(family)  # refuses an unknown name, listing the valid ones
 
 
 def _block_names(num_layers: int, num_single_layers: int) -> list[tuple[str, int]]:
@@ -131,10 +52,10 @@ def _check_blocks(blocks: Iterable[int], num_layers: int, num_single_layers: int
     total = num_layers + num_single_layers
     blocks = list(blocks)
     if not blocks:
-        raise ValueError("blocks is empty: give at least one block index")
+        raise SettingsError("blocks is empty: give at least one block index")
     for b in blocks:
         if isinstance(b, bool) or not isinstance(b, int):
-            raise ValueError(f"block index {b!r} is not an integer")
+            raise SettingsError(f"block index {b!r} is not an integer")
         if not 0 <= b < total:
             layout = f"{num_layers} double-stream"
             if num_single_layers:
@@ -142,7 +63,7 @@ def _check_blocks(blocks: Iterable[int], num_layers: int, num_single_layers: int
                     f" (0-{num_layers - 1}) then {num_single_layers} single-stream "
                     f"({num_layers}-{total - 1})"
                 )
-            raise ValueError(
+            raise SettingsError(
                 f"block index {b} is out of range: valid 0-{total - 1} ({layout} blocks)"
             )
     return sorted(set(blocks))
@@ -150,18 +71,18 @@ def _check_blocks(blocks: Iterable[int], num_layers: int, num_single_layers: int
 
 def _resolve_custom(family: str, names: Sequence[str]) -> tuple[Preset, dict[str, set[int]]]:
     """Block-relative names per stack, plus explicit (fully qualified) indices per name."""
-    known = BLOCK_LINEARS[family]
+    known = get_family(family).block_linears
     double: list[str] = []
     single: list[str] = []
     qualified: dict[str, set[int]] = {}
     for name in names:
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"module name {name!r} is not a non-empty string")
+            raise SettingsError(f"module name {name!r} is not a non-empty string")
         m = _QUALIFIED.match(name)
         if m:
             stack, index, rel = m.group(1), int(m.group(2)), m.group(3)
             if rel not in known[stack]:
-                raise ValueError(
+                raise SettingsError(
                     f"module {name!r} is not a LoRA-able Linear of {family}'s {stack}; "
                     f"valid: {', '.join(known[stack]) or 'none (no such blocks)'}"
                 )
@@ -174,7 +95,7 @@ def _resolve_custom(family: str, names: Sequence[str]) -> tuple[Preset, dict[str
         if not any(hits.values()):
             near = [p for rels in known.values() for p in rels if name in p.split(".")]
             hint = f"; did you mean {', '.join(repr(p) for p in near)}?" if near else ""
-            raise ValueError(
+            raise SettingsError(
                 f"custom module name {name!r} matches no LoRA-able Linear of {family} "
                 f"(block Linears: {', '.join(sorted({p for r in known.values() for p in r}))})"
                 f"{hint}"
@@ -202,29 +123,29 @@ def target_modules(
     """
     check_family(family)
     if num_layers < 0 or num_single_layers < 0:
-        raise ValueError("num_layers and num_single_layers must be >= 0")
-    if family == "qwen_image_edit" and num_single_layers:
-        raise ValueError("qwen_image_edit has no single-stream blocks: num_single_layers must be 0")
-    presets = PRESETS[family]
+        raise SettingsError("num_layers and num_single_layers must be >= 0")
+    if num_single_layers and not get_family(family).block_linears[SINGLE]:
+        raise SettingsError(f"{family} has no single-stream blocks: num_single_layers must be 0")
+    presets = get_family(family).presets
     qualified: dict[str, set[int]] = {}
     if isinstance(preset, str):
         if preset not in presets:
-            raise ValueError(
+            raise SettingsError(
                 f"unknown LoRA preset {preset!r} for {family}; valid: {', '.join(presets)}, "
                 "or a list of module names"
             )
         spec = presets[preset]
         label = f"preset {preset!r}"
         if spec.needs_blocks and blocks is None:
-            raise ValueError(f"{label} needs blocks=[...] (block indices, e.g. [7, 12, 16, 20])")
+            raise SettingsError(f"{label} needs blocks=[...] (block indices, e.g. [7, 12, 16, 20])")
         if not spec.needs_blocks and blocks is not None:
-            raise ValueError(
+            raise SettingsError(
                 f"blocks= is not used by {label}; use the 'blocks' preset or a custom list"
             )
     else:
         names = list(preset)
         if not names:
-            raise ValueError("the custom list of module names is empty")
+            raise SettingsError("the custom list of module names is empty")
         spec, qualified = _resolve_custom(family, names)
         label = "the custom list"
 
@@ -245,13 +166,13 @@ def target_modules(
         for index in indices:
             if index >= count:
                 valid = f"valid 0-{count - 1}" if count else f"this model has no {stack}"
-                raise ValueError(
+                raise SettingsError(
                     f"module {name!r}: {stack} index {index} is out of range ({valid})"
                 )
         if name not in out:
             out.append(name)
     if not out:
-        raise ValueError(
+        raise SettingsError(
             f"{label} targets no module with num_layers={num_layers}, "
             f"num_single_layers={num_single_layers}, blocks={blocks}"
         )
@@ -260,8 +181,8 @@ def target_modules(
 
 def model_family(model: nn.Module) -> str | None:
     """The family whose diffusers class `model` is, or None."""
-    cls = type(model).__name__
-    return next((f for f, c in FAMILY_CLASSES.items() if c == cls), None)
+    found = family_of_class(type(model).__name__)
+    return found.name if found else None
 
 
 def target_modules_for(
@@ -278,12 +199,13 @@ def target_modules_for(
     check_family(family)
     actual = model_family(model)
     if actual is not None and actual != family:
-        raise ValueError(
-            f"model is a {type(model).__name__} (family {actual}), not a {FAMILY_CLASSES[family]}"
+        raise SettingsError(
+            f"model is a {type(model).__name__} (family {actual}), "
+            f"not a {get_family(family).transformer_class}"
         )
     config = getattr(model, "config", None)
     if config is None or "num_layers" not in config:
-        raise ValueError(f"{type(model).__name__} has no diffusers config with num_layers")
+        raise SettingsError(f"{type(model).__name__} has no diffusers config with num_layers")
     names = target_modules(
         family,
         preset,
@@ -295,12 +217,12 @@ def target_modules_for(
     for name in names:
         module = modules.get(name)
         if module is None:
-            raise ValueError(
+            raise SettingsError(
                 f"module {name!r} is not in {type(model).__name__} (family {family}; "
-                f"expected class {FAMILY_CLASSES[family]})"
+                f"expected class {get_family(family).transformer_class})"
             )
         if not isinstance(module, nn.Linear):
-            raise ValueError(
+            raise SettingsError(
                 f"module {name!r} is a {type(module).__name__}, not an nn.Linear: "
                 "peft cannot put a LoRA on it"
             )
@@ -309,5 +231,5 @@ def target_modules_for(
 
 def family_of_config(config: Mapping[str, Any]) -> str | None:
     """The family of a transformer config.json (by its diffusers `_class_name`), or None."""
-    cls = config.get("_class_name")
-    return next((f for f, c in FAMILY_CLASSES.items() if c == cls), None)
+    found = family_of_class(config.get("_class_name"))
+    return found.name if found else None

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from facelora.models.lora_targets import FAMILY_CLASSES, PRESETS, check_family, target_modules_for
+from facelora.errors import SettingsError
+from facelora.models.lora_targets import check_family, target_modules_for
+from facelora.registry.families import family as get_family
 
 MB = 10**6
 GIB = 2**30
@@ -47,7 +49,7 @@ def load_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
 def _meta_model(family: str, config_json: str) -> nn.Module:
     import diffusers
 
-    cls = getattr(diffusers, FAMILY_CLASSES[family])
+    cls = getattr(diffusers, get_family(family).transformer_class)
     with torch.device("meta"):
         return cls.from_config(json.loads(config_json))
 
@@ -57,8 +59,9 @@ def meta_model(config: Mapping[str, Any] | str | Path, family: str) -> nn.Module
     check_family(family)
     cfg = load_config(config)
     name = cfg.get("_class_name")
-    if name is not None and name != FAMILY_CLASSES[family]:
-        raise ValueError(f"config is for {name}, but family {family} uses {FAMILY_CLASSES[family]}")
+    expected = get_family(family).transformer_class
+    if name is not None and name != expected:
+        raise SettingsError(f"config is for {name}, but family {family} uses {expected}")
     return _meta_model(family, json.dumps(cfg, sort_keys=True, default=list))
 
 
@@ -114,7 +117,7 @@ def frozen_weight_bytes(model: nn.Module, quantize: str = "none") -> float:
     """Bytes of the frozen transformer: bf16, except the blocks' Linear weights, stored as
     model.quantize stores them (biases, norms and embeddings stay bf16)."""
     if quantize not in QUANTIZED_WEIGHT_BYTES:
-        raise ValueError(f"quantize {quantize!r}: use one of {sorted(QUANTIZED_WEIGHT_BYTES)}")
+        raise SettingsError(f"quantize {quantize!r}: use one of {sorted(QUANTIZED_WEIGHT_BYTES)}")
     total = 2.0 * sum(p.numel() for p in model.parameters())
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name.startswith(BLOCK_PREFIXES):
@@ -206,7 +209,9 @@ def plan(
     model = meta_model(cfg, family)
     if presets is None:
         presets = [
-            p for p, spec in PRESETS[family].items() if blocks is not None or not spec.needs_blocks
+            p
+            for p, spec in get_family(family).presets.items()
+            if blocks is not None or not spec.needs_blocks
         ]
     base_params = sum(p.numel() for p in model.parameters())
     weight_bytes = frozen_weight_bytes(model, quantize)
@@ -217,13 +222,13 @@ def plan(
     rows: list[dict[str, Any]] = []
     for preset in presets:
         # blocks= goes to the `blocks` preset and to custom lists; other presets take all blocks
-        spec = PRESETS[family].get(preset) if isinstance(preset, str) else None
+        spec = get_family(family).presets.get(preset) if isinstance(preset, str) else None
         use_blocks = None if spec is not None and not spec.needs_blocks else blocks
         names = target_modules_for(model, family, preset, blocks=use_blocks)
         shapes = lora_shapes(model, names)
         for rank in ranks:
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"rank {rank!r} is not a positive integer")
+                raise SettingsError(f"rank {rank!r} is not a positive integer")
             params = lora_param_count(shapes, rank)
             header = safetensors_header_bytes(
                 shapes, rank, dtype_bytes, metadata={"format": "pt"}

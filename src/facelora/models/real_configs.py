@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from facelora.errors import SettingsError
+
 # Qwen-Image(-Edit-2511) transformer: every QwenImageTransformer2DModel.__init__ argument of
 # diffusers 0.42.1 with its default, which are the released model's values (60 layers,
 # 24 heads x 128 = 3072, joint_attention_dim 3584 = Qwen2.5-VL-7B hidden, in 64, out 16,
@@ -67,9 +69,9 @@ def real_width_transformer(family: str, blocks: int, single_blocks: int | None =
     blocks, and `single_blocks` single-stream ones, by default 3 per double as in the 9B's
     8 + 24), everything else as released except TEXT_TIED."""
     if family not in REAL_CONFIGS:
-        raise ValueError(f"family must be one of {sorted(REAL_CONFIGS)}, not {family!r}")
+        raise SettingsError(f"family must be one of {sorted(REAL_CONFIGS)}, not {family!r}")
     if blocks < 1:
-        raise ValueError(f"blocks must be >= 1, not {blocks}")
+        raise SettingsError(f"blocks must be >= 1, not {blocks}")
     config: dict[str, Any] = {
         k: v for k, v in REAL_CONFIGS[family].items() if k != "_class_name" and k not in TEXT_TIED
     }
@@ -77,7 +79,7 @@ def real_width_transformer(family: str, blocks: int, single_blocks: int | None =
     if family == "flux2_klein":
         config["num_single_layers"] = 3 * blocks if single_blocks is None else single_blocks
     elif single_blocks is not None:
-        raise ValueError("qwen_image_edit has one kind of block: leave single_blocks out")
+        raise SettingsError("qwen_image_edit has one kind of block: leave single_blocks out")
     return config
 
 

@@ -30,15 +30,16 @@ See ../../../../shared/notes/TINY_MODELS.md for the traps these builders avoid.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("qwen_image_edit", "flux2_klein")
+from facelora.errors import RefusedInput, SettingsError
+from facelora.io.atomic import atomic_dir
+from facelora.registry.families import FAMILY_NAMES
+
 MARKER = "facelora_tiny.json"
 # The number of leading tokens QwenImageEditPlusPipeline drops from the templated prompt.
 QWEN_PROMPT_PREFIX_TOKENS = 64
@@ -489,10 +490,10 @@ def make_tiny_model(
     is saved in bf16 (as the released models are), others in fp32.
     """
     if family not in _BUILDERS:
-        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+        raise SettingsError(f"family must be one of {FAMILY_NAMES}, not {family!r}")
     out = Path(out)
     if not _is_empty_or_tiny(out):
-        raise FileExistsError(f"{out} exists and is not an earlier tiny model: not replacing it")
+        raise RefusedInput(f"{out} exists and is not an earlier tiny model: not replacing it")
 
     import numpy as np
     import torch
@@ -506,10 +507,7 @@ def make_tiny_model(
     if sum(p.numel() for p in pipe.transformer.parameters()) >= 10**9:
         pipe.transformer.to(torch.bfloat16)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         _check_saved(family, tmp)
         marker = {
@@ -522,11 +520,6 @@ def make_tiny_model(
         if transformer_args:
             marker["transformer_args"] = transformer_args
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -544,7 +537,7 @@ def small_reference_sizes(vae_side: int = 64, condition_side: int = 32) -> Itera
 
     for name, side in (("vae_side", vae_side), ("condition_side", condition_side)):
         if side <= 0 or side % 32:
-            raise ValueError(f"{name} must be a positive multiple of 32, not {side}")
+            raise SettingsError(f"{name} must be a positive multiple of 32, not {side}")
     saved = (module.VAE_IMAGE_SIZE, module.CONDITION_IMAGE_SIZE)
     module.VAE_IMAGE_SIZE = vae_side * vae_side
     module.CONDITION_IMAGE_SIZE = condition_side * condition_side

@@ -172,14 +172,22 @@ def caption_for(pair: dict, params: Params, vlm=None) -> tuple[str | None, str |
     return None, None, notes
 
 
-def caption_pairs(pairs_path: str | Path, out_dir: str | Path, params: Params) -> dict:
-    out_dir = Path(out_dir)
+def caption_pairs(
+    pairs_path: str | Path,
+    pairs_dir: str | Path,
+    params: Params,
+    captions_out: str | Path,
+    lint_out: str | Path,
+    rejected_out: str | Path,
+) -> dict:
+    """Caption every usable pair of the pairs table (its crops under `pairs_dir`, which the
+    VLM captioner looks at) and lint the captions."""
     usable = [p for p in read_rows(pairs_path) if p["status"] == "ok"]
     vlm = None
     if params.captions.vlm.enabled and usable:
         from facelora.prepare.vlm import VlmCaptioner
 
-        vlm = VlmCaptioner(params.captions.vlm, Path(pairs_path).parent)
+        vlm = VlmCaptioner(params.captions.vlm, Path(pairs_dir))
     rows, lint_rows = [], []
     for pair in usable:
         caption, source, notes = caption_for(pair, params, vlm)
@@ -217,15 +225,15 @@ def caption_pairs(pairs_path: str | Path, out_dir: str | Path, params: Params) -
         )
     frame = pd.DataFrame(rows, columns=CAPTIONS.names)
     write_parquet(
-        out_dir / "captions.parquet",
+        captions_out,
         pa.Table.from_pandas(frame, schema=CAPTIONS, preserve_index=False),
     )
     write_csv(
-        out_dir / "lint.csv",
+        lint_out,
         pd.DataFrame(lint_rows, columns=["pair_id", "rule", "message", "caption"]),
     )
     rejected = frame.loc[frame["status"] == "rejected", ["pair_id", "reason"]]
-    write_csv(out_dir / "rejected.csv", rejected)
+    write_csv(rejected_out, rejected)
     stats = {
         "captioned": int((frame["status"] == "ok").sum()),
         "rejected": len(rejected),

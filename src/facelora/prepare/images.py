@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from facelora.config import ImagesParams
+from facelora.errors import MissingInput
 
 # We check pixel counts ourselves (images.max_pixels) before decoding, with a clearer message.
 Image.MAX_IMAGE_PIXELS = None
@@ -98,7 +99,7 @@ def scan_images(root: str | Path, params: ImagesParams) -> Iterator[tuple[str, P
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"images folder not found: {root} (paths.raw in params.yaml)")
+        raise MissingInput(f"images folder not found: {root} (paths.raw in params.yaml)")
     accepted = set(params.extensions)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from facelora.config import SCORE_COLUMNS, Params, PhaseParams
+from facelora.config import Params, PhaseParams
+from facelora.errors import SettingsError
 from facelora.io.datasets import write_kontext_dataset
 from facelora.io.tables import frame_records, read_table
 from facelora.prepare.split import trainable_pairs
+from facelora.registry.scores import SCORE_COLUMNS
 
 
-class PhaseEmpty(ValueError):
+class PhaseEmpty(SettingsError):
     pass
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from facelora.config import DlibParams
+from facelora.errors import MissingInput, RefusedInput
 from facelora.prepare.faces.align import face_frame
 
 TARGET_FACE_PX = 380  # face size in the enlarged portraits (a crop of about 720 px)
@@ -49,10 +50,10 @@ class Edit:
 def _package_file(package: str, *parts: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the {package} package is not installed (pip install {package})")
+        raise MissingInput(f"the {package} package is not installed (pip install {package})")
     path = Path(next(iter(spec.submodule_search_locations)), *parts)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found in the installed {package} package")
+        raise MissingInput(f"{path} not found in the installed {package} package")
     return path
 
 
@@ -230,7 +231,7 @@ def _bomb_png() -> bytes:
 def build_sample_data(dest: str | Path) -> dict:
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
-        raise FileExistsError(f"{dest} exists and is not empty: choose a new folder")
+        raise RefusedInput(f"{dest} exists and is not empty: choose a new folder")
     photos = source_photos()
     lm = _Landmarker()
     people = portraits(photos, lm)

@@ -1,7 +1,8 @@
 """The data half at a glance: counts at every step, rejection reasons, score histograms.
 
-Writes results/phases/summary.json, results/phases/funnel.png (how many files survive each
-step) and results/phases/scores.png (each score's histogram, one colour per phase).
+Reads the data half's tables where the results layout puts them and writes summary.json,
+funnel.png (how many files survive each step) and scores.png (each score's histogram, one
+colour per phase).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from facelora.config import SCORE_COLUMNS, Params
+from facelora.config import Params
 from facelora.io.atomic import atomic_path, write_json
 from facelora.io.datasets import read_manifest
+from facelora.registry.layout import Layout
+from facelora.registry.scores import SCORE_COLUMNS
 
 
 def _reason_kind(reason: str) -> str:
@@ -38,16 +41,16 @@ def _reasons(frame: pd.DataFrame) -> dict[str, int]:
     return dict(Counter(_reason_kind(r) for r in frame["reason"]).most_common())
 
 
-def collect(results: Path, params: Params) -> dict:
-    images = pd.read_parquet(results / "faces" / "images.parquet")
-    crops = pd.read_parquet(results / "crops" / "crops.parquet")
-    pairs = pd.read_parquet(results / "pairs" / "pairs.parquet")
-    captions = pd.read_parquet(results / "captions" / "captions.parquet")
-    split = pd.read_parquet(results / "split" / "split.parquet")
-    pair_rejects = pd.read_csv(results / "pairs" / "rejected.csv", keep_default_na=False)
+def collect(layout: Layout, params: Params) -> dict:
+    images = pd.read_parquet(layout.images())
+    crops = pd.read_parquet(layout.crops())
+    pairs = pd.read_parquet(layout.pairs())
+    captions = pd.read_parquet(layout.captions())
+    split = pd.read_parquet(layout.split())
+    pair_rejects = pd.read_csv(layout.pairs_rejected(), keep_default_na=False)
     phases = {}
     for name in params.phase_names:
-        folder = results / "phases" / name
+        folder = Path(layout.phase_dir(name))
         if (folder / "phase.json").is_file():
             phases[name] = json.loads((folder / "phase.json").read_text())
     return {
@@ -87,12 +90,12 @@ def plot_funnel(funnel: dict[str, int], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_scores(results: Path, params: Params, out: Path) -> None:
-    pairs = pd.read_parquet(results / "pairs" / "pairs.parquet")
+def plot_scores(layout: Layout, params: Params, out: Path) -> None:
+    pairs = pd.read_parquet(layout.pairs())
     pairs = pairs[pairs["status"] == "ok"]
     groups = {"all usable pairs": pairs}
     for name in params.phase_names:
-        folder = results / "phases" / name
+        folder = Path(layout.phase_dir(name))
         if (folder / "manifest.jsonl").is_file():
             ids = {m["pair_id"] for m in read_manifest(folder)}
             groups[name] = pairs[pairs["pair_id"].isin(ids)]
@@ -130,12 +133,19 @@ def plot_scores(results: Path, params: Params, out: Path) -> None:
     plt.close(fig)
 
 
-def write_summary(results: str | Path, params: Params, out_dir: str | Path) -> dict:
-    results, out_dir = Path(results), Path(out_dir)
-    summary = collect(results, params)
-    write_json(out_dir / "summary.json", summary, sort_keys=False)
-    plot_funnel(summary["funnel"], out_dir / "funnel.png")
-    plot_scores(results, params, out_dir / "scores.png")
+def write_summary(
+    results: str | Path,
+    params: Params,
+    summary_out: str | Path,
+    funnel_out: str | Path,
+    scores_out: str | Path,
+) -> dict:
+    """The summary of the data half under `results` (paths.results)."""
+    layout = Layout(str(results))
+    summary = collect(layout, params)
+    write_json(Path(summary_out), summary, sort_keys=False)
+    plot_funnel(summary["funnel"], Path(funnel_out))
+    plot_scores(layout, params, Path(scores_out))
     return summary
 
 

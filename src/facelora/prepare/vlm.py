@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from facelora.config import VlmParams
-from facelora.prepare.faces.types import ModelFileMissing
+from facelora.errors import ModelFileMissing
 
 
 class VlmCaptioner:

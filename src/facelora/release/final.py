@@ -11,27 +11,30 @@ from pathlib import Path
 
 import yaml
 
-from facelora.config import EVAL_METRICS, Params
+from facelora.config import Params
 from facelora.io.atomic import write_json, write_text
+from facelora.io.datasets import MANIFEST
 from facelora.models import lora_io
+from facelora.registry.layout import Layout
+from facelora.registry.scores import EVAL_METRICS
 
 
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "absent"
 
 
-def data_version(results: Path, params: Params) -> dict:
+def data_version(layout: Layout, params: Params) -> dict:
     """Content hashes of what the LoRA was trained and judged on."""
-    out = {"images_table": _file_digest(results / "faces" / "images.parquet")}
+    out = {"images_table": _file_digest(Path(layout.images()))}
     for phase in params.phase_names:
-        out[f"phase:{phase}"] = _file_digest(results / "phases" / phase / "manifest.jsonl")
-    out["validation"] = _file_digest(results / "validation" / "manifest.jsonl")
+        out[f"phase:{phase}"] = _file_digest(Path(layout.phase_dir(phase)) / MANIFEST)
+    out["validation"] = _file_digest(Path(layout.validation_dir()) / MANIFEST)
     return out
 
 
-def base_metrics(results: Path) -> dict:
+def base_metrics(layout: Layout) -> dict:
     """The model without LoRA on the same pairs (the reference the card compares with)."""
-    summary = results / "eval" / "summary.json"
+    summary = Path(layout.eval_summary())
     if not summary.is_file():
         return {}
     base = json.loads(summary.read_text()).get("base", {})
@@ -40,8 +43,11 @@ def base_metrics(results: Path) -> dict:
 
 
 def build_final(params: Params, results: Path, out: Path) -> dict:
+    """The final LoRA folder `out` (written whole, then renamed into place) from the last
+    phase's choice among the results under `results` (paths.results)."""
+    layout = Layout(str(results))
     last = params.phase_names[-1]
-    choice = json.loads((results / "eval" / "phases" / last / "best.json").read_text())
+    choice = json.loads(Path(layout.best(last)).read_text())
     source = Path(choice["lora"])
     tensors, meta = lora_io.read_lora(source)
     alpha = float(meta.get("lora_alpha", params.lora.scale_alpha))
@@ -71,7 +77,7 @@ def build_final(params: Params, results: Path, out: Path) -> dict:
         )
     choices = {}
     for phase in params.phase_names:
-        best = results / "eval" / "phases" / phase / "best.json"
+        best = Path(layout.best(phase))
         if best.is_file():
             c = json.loads(best.read_text())
             choices[phase] = {k: c[k] for k in ("step", "score", "reason", "weights")}
@@ -89,9 +95,9 @@ def build_final(params: Params, results: Path, out: Path) -> dict:
             "preset": params.lora.preset,
             "sha256": _file_digest(source),
         },
-        "data": data_version(results, params),
+        "data": data_version(layout, params),
         "metrics": {k: chosen.get(k) for k in EVAL_METRICS},
-        "base_metrics": base_metrics(results),
+        "base_metrics": base_metrics(layout),
         "choices": choices,
         "compression": None
         if compression is None

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from facelora.errors import MissingInput, SettingsError
 from facelora.io import safetensors_io
 from facelora.io.atomic import write_json
 from facelora.models.lora_io import (
@@ -42,7 +43,8 @@ from facelora.models.lora_io import (
     DIFFUSERS_WEIGHTS,
     LoraMismatch,
 )
-from facelora.models.lora_targets import BLOCK_LINEARS, FAMILY_CLASSES, model_family
+from facelora.models.lora_targets import model_family
+from facelora.registry.families import FAMILIES, FAMILY_NAMES
 
 REPORT_NAME = "merge_report.json"
 FAMILY_KEY = "facelora_family"  # header entry of merged files: the base model's family
@@ -126,9 +128,9 @@ def resolve_path(path: str | Path) -> Path:
         for name in (DIFFUSERS_WEIGHTS, COMFYUI_WEIGHTS):
             if (path / name).is_file():
                 return path / name
-        raise FileNotFoundError(f"no {DIFFUSERS_WEIGHTS} or {COMFYUI_WEIGHTS} in {path}")
+        raise MissingInput(f"no {DIFFUSERS_WEIGHTS} or {COMFYUI_WEIGHTS} in {path}")
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
+        raise MissingInput(f"LoRA file not found: {path}")
     return path
 
 
@@ -208,11 +210,11 @@ def read_input(path: str | Path) -> LoraInput:
 
 def name_families(names: Sequence[str]) -> set[str]:
     """The families whose transformer blocks have every block module named here."""
-    families = set(FAMILY_CLASSES)
+    families = set(FAMILY_NAMES)
     for name in names:
         m = _BLOCK.match(name)
         if m:
-            families &= {f for f in families if m["rel"] in BLOCK_LINEARS[f][m["stack"]]}
+            families &= {f for f in families if m["rel"] in FAMILIES[f].block_linears[m["stack"]]}
     return families
 
 
@@ -236,7 +238,7 @@ def check_same_base(loras: Sequence[LoraInput], family: str | None = None) -> st
             + ", ".join(f"{k}: {v}" for k, v in declared.items())
         )
     wanted = set(declared.values())
-    candidates, first = set(FAMILY_CLASSES), None
+    candidates, first = set(FAMILY_NAMES), None
     for lora in loras:
         fits = name_families(list(lora.modules))
         if wanted and not fits & wanted:
@@ -295,14 +297,14 @@ def merge_loras(
     `family`, when given, is the base model the result is for: inputs of another are refused.
     """
     if not loras:
-        raise ValueError("merge needs at least one LoRA")
+        raise SettingsError("merge needs at least one LoRA")
     raw = [float(w) for _, w in loras]
     if not all(math.isfinite(w) for w in raw):
-        raise ValueError(f"LoRA weights must be finite numbers, got {raw}")
+        raise SettingsError(f"LoRA weights must be finite numbers, got {raw}")
     if normalize:
         total = sum(raw)
         if total <= 0:
-            raise ValueError(f"weights {raw} sum to {total}: cannot normalise them to sum 1")
+            raise SettingsError(f"weights {raw} sum to {total}: cannot normalise them to sum 1")
         weights = [w / total for w in raw]
     else:
         weights = raw
@@ -361,7 +363,7 @@ def compress(merged: MergedLora, rank: int) -> tuple[MergedLora, dict]:
     total rank) is decomposed, never the out x in matrix.
     """
     if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+        raise SettingsError(f"rank must be >= 1, got {rank}")
     modules, per_module = {}, {}
     kept_energy = total_energy = 0.0
     for name, (a, b) in merged.modules.items():
@@ -412,13 +414,13 @@ def adapter_config(merged: MergedLora) -> dict:
     """A peft LoraConfig (as a dict) giving every module scale 1 at its own rank."""
     ranks = merged.ranks()
     if not ranks:
-        raise ValueError("the merged LoRA has no modules")
+        raise SettingsError("the merged LoRA has no modules")
     common = collections.Counter(ranks.values()).most_common(1)[0][0]
     pattern = {f"^{name}": r for name, r in ranks.items()}
     for name in ranks:  # each module must resolve to its own entry, as peft looks them up
         key = next(k for k in pattern if re.match(rf"(.*\.)?({k})$", name))
         if key != f"^{name}":
-            raise ValueError(f"rank_pattern key {key} would also match {name}")
+            raise SettingsError(f"rank_pattern key {key} would also match {name}")
     return {
         "r": common,
         "lora_alpha": common,
@@ -553,11 +555,9 @@ def parse_input(text: str) -> tuple[Path, float]:
 def pipeline_class_for(family: str):
     import diffusers
 
-    from facelora.models.adapters import ADAPTERS
+    from facelora.registry.families import family as get_family
 
-    if family not in ADAPTERS:
-        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(ADAPTERS)}")
-    return getattr(diffusers, ADAPTERS[family].pipeline_class_name)
+    return getattr(diffusers, get_family(family).pipeline_class)
 
 
 def merge_main(

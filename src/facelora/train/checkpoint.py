@@ -27,16 +27,18 @@ from pathlib import Path
 import torch
 
 from facelora.models import lora_io
+from facelora.registry.layout import CHECKPOINTS, checkpoint_name
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
-    return out / "checkpoints" / f"step-{step:06d}"
+    """Checkpoint `step` of the training folder `out` (facelora.registry.layout)."""
+    return Path(out) / CHECKPOINTS / checkpoint_name(step)
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    folder = out / "checkpoints"
+    folder = Path(out) / CHECKPOINTS
     found = []
     if folder.is_dir():
         for d in folder.iterdir():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +23,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from facelora.errors import MissingInput, SettingsError
+from facelora.io.atomic import atomic_path
 from facelora.io.progress import progress
-from facelora.models.adapters import FamilyAdapter, to_pixels
+from facelora.models.adapters import FamilyAdapter, bucket_size, to_pixels
 
 CACHE_VERSION = "1"  # bump when the encoding code changes meaning
 
@@ -39,14 +40,6 @@ class Sample:
     size: tuple[int, int] = (0, 0)  # training width, height of the whole target
 
 
-def bucket_size(width: int, height: int, resolution: int, multiple: int = 16) -> tuple[int, int]:
-    """About resolution^2 pixels with the image's aspect ratio, sides a multiple of 16."""
-    aspect = width / height
-    w = max(multiple, round((resolution * aspect**0.5) / multiple) * multiple)
-    h = max(multiple, round((resolution / aspect**0.5) / multiple) * multiple)
-    return w, h
-
-
 def read_phase(
     folder: str | Path,
     resolution: int,
@@ -57,7 +50,7 @@ def read_phase(
     folder = Path(folder)
     manifest = folder / "manifest.jsonl"
     if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} not found: run the select step for this phase")
+        raise MissingInput(f"{manifest} not found: run the select step for this phase")
     samples = []
     for line in manifest.read_text(encoding="utf-8").splitlines():
         if not line.strip():
@@ -88,7 +81,7 @@ def read_phase(
             )
         )
     if not samples:
-        raise ValueError(f"{folder} holds no pairs")
+        raise SettingsError(f"{folder} holds no pairs")
     return samples
 
 
@@ -96,7 +89,7 @@ def read_regularization(folder: str | Path, caption: str, resolution: int) -> li
     """Photos the LoRA must leave unchanged: each is its own start and end."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"train.regularization.folder = {folder}: not found")
+        raise MissingInput(f"train.regularization.folder = {folder}: not found")
     samples = []
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() not in (".jpg", ".jpeg", ".png", ".webp"):
@@ -113,7 +106,7 @@ def read_regularization(folder: str | Path, caption: str, resolution: int) -> li
             )
         )
     if not samples:
-        raise ValueError(f"train.regularization.folder = {folder}: no images in it")
+        raise SettingsError(f"train.regularization.folder = {folder}: no images in it")
     return samples
 
 
@@ -151,10 +144,8 @@ class EncodingCache:
             value = compute().detach().to("cpu").contiguous()
         self.misses += 1
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file({"value": value}, str(tmp))
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file({"value": value}, str(tmp))
         return value
 
     def latents(self, images: Path | list[Path], size: tuple[int, int]) -> torch.Tensor:

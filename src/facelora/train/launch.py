@@ -16,6 +16,8 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
+from facelora.errors import EnvironmentProblem
+
 RENDEZVOUS_PORT_BASE = 29500
 
 
@@ -70,7 +72,7 @@ def launcher_argv(
     command = without_launch_options(argv)
     if nodes > 1:
         if "SLURM_NODEID" not in env or "SLURM_JOB_NODELIST" not in env:
-            raise RuntimeError(
+            raise EnvironmentProblem(
                 f"resources.train.nodes = {nodes}: several nodes need a Slurm job "
                 "(snakemake --profile slurm); run this step inside one, or set nodes: 1"
             )

@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from facelora.config import Params
-from facelora.io.atomic import write_json
+from facelora.errors import EnvironmentProblem, FaceloraError
+from facelora.io.atomic import atomic_path, write_json
 from facelora.io.progress import progress
 from facelora.models import lora_io
-from facelora.models.adapters import MAX_REFERENCES, FamilyAdapter, load_adapter, resolve_device
+from facelora.models.adapters import FamilyAdapter, load_adapter, resolve_device
+from facelora.registry.families import family as get_family
 from facelora.train import checkpoint, fsdp
 from facelora.train.data import EncodingCache, Sample, read_phase, read_regularization
 from facelora.train.optim import make_optimizer, make_scheduler
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 LOG_COLUMNS = ["step", "loss", "lr", "grad_norm", "sigma_mean", "seconds"]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(FaceloraError, RuntimeError):
     pass
 
 
@@ -185,7 +187,7 @@ class Trainer:
         train = params.train
         diptych = train.diptych_prefix if train.diptych else None
         self.samples = read_phase(
-            self.data_dir, train.resolution, MAX_REFERENCES[params.model.family], diptych
+            self.data_dir, train.resolution, get_family(params.model.family).max_references, diptych
         )
         reg = train.regularization
         self.regularization = (
@@ -240,7 +242,7 @@ class Trainer:
         self.step = step
         self.position = DataPosition(**state["position"])
         if len(state["rng"]) != self.world:
-            raise RuntimeError(
+            raise EnvironmentProblem(
                 f"{folder} was written by {len(state['rng'])} processes, this run has "
                 f"{self.world}: resume with the same number of processes (or delete it)"
             )
@@ -503,12 +505,10 @@ def _read_log(path: Path, upto: int) -> list[dict]:
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 def plot_loss(log_path: Path, out: Path, title: str) -> None:
@@ -531,14 +531,9 @@ def plot_loss(log_path: Path, out: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(out)
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train_phase(
@@ -549,12 +544,16 @@ def train_phase(
     init_lora: Path | None = None,
     cache_dir: Path | None = None,
     show_progress: bool = True,
+    summary_out: Path | None = None,
+    plot_out: Path | None = None,
 ) -> dict:
+    """Train `phase` into the training folder `out` (checkpoints, log.csv); the summary and
+    the loss plot go to `summary_out` and `plot_out` (default: train.json, loss.png in out)."""
     trainer = Trainer(phase, data_dir, out, params, init_lora, cache_dir)
     summary = trainer.run(show_progress=show_progress)
     if trainer.rank == 0:
-        plot_loss(out / "log.csv", out / "loss.png", f"phase {phase}")
-        write_json(out / "train.json", summary)
+        plot_loss(out / "log.csv", plot_out or out / "loss.png", f"phase {phase}")
+        write_json(summary_out or out / "train.json", summary)
     if trainer.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -8,6 +8,7 @@ import math
 import torch
 
 from facelora.config import TrainParams
+from facelora.errors import EnvironmentProblem
 
 log = logging.getLogger(__name__)
 DEFAULT_WEIGHT_DECAY = {"adamw": 1e-5, "adamw8bit": 1e-5, "prodigy": 0.05}
@@ -25,7 +26,7 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, train: TrainPara
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise RuntimeError(
+            raise EnvironmentProblem(
                 "train.optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes"
             ) from None
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=decay)
@@ -33,7 +34,7 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, train: TrainPara
         from prodigyopt import Prodigy
     except ImportError:
         message = "train.optimizer prodigy needs prodigyopt: pip install prodigyopt"
-        raise RuntimeError(message) from None
+        raise EnvironmentProblem(message) from None
     # Prodigy estimates the step size itself: lr is a multiplier (1.0 is the intended value)
     if lr < 0.1:
         log.warning("train.optimizer prodigy with lr %g: Prodigy expects lr near 1.0", lr)

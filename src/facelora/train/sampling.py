@@ -11,8 +11,6 @@ noise - x_0. Sampling strategies:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -42,16 +40,3 @@ def noisy_latents(
     """(x_t, velocity target) for clean latents x0 (batch first) at noise levels sigma."""
     s = sigma.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return (1 - s) * x0 + s * noise, noise - x0
-
-
-def linear_shift_mu(seq_len: int, config: dict) -> float:
-    """Qwen-Image's resolution-dependent mu (its scheduler config's base/max shift)."""
-    base_len = config.get("base_image_seq_len", 256)
-    max_len = config.get("max_image_seq_len", 4096)
-    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (top - base) / (max_len - base_len)
-    return seq_len * slope + (base - slope * base_len)
-
-
-def shift_from_mu(mu: float) -> float:
-    return math.exp(mu)

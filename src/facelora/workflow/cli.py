@@ -7,16 +7,23 @@ import json
 import logging
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, get_args
 
 from facelora import __version__
-from facelora.config import ParamsError, load_params
+from facelora.config import ModelParams, load_params
+from facelora.errors import FaceloraError
+from facelora.registry.families import FAMILY_NAMES
+from facelora.registry.layout import BASE, Layout
+from facelora.workflow.declared import PHASE, DeclaredParams
 
 log = logging.getLogger("facelora")
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one message, without a traceback."""
+class UserError(FaceloraError):
+    """A wrong command line; printed as one message, without a traceback."""
 
 
 def _add_shard(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -45,13 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="find, landmark and embed faces in every photo")
     p.add_argument("images_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="the faces table (.parquet)")
     p.add_argument(
-        "--out",
+        "--images-out",
         type=Path,
-        required=True,
-        help="faces table (.parquet); images.parquet and rejected.csv go beside it",
+        help="the images table (with --shard: this shard's; default: images.parquet beside --out)",
     )
-    p.add_argument("--images-out", type=Path, help="with --shard: this shard's images table")
+    p.add_argument(
+        "--rejected-out", type=Path, help="without --shard: default rejected.csv beside --out"
+    )
     p.add_argument("--shard", help="INDEX/COUNT: only this shard, write shard tables")
     p.add_argument("--workers", type=int, default=None)
 
@@ -59,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", type=Path, required=True)
     p.add_argument("--faces", type=Path, required=True)
     p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True, help="where the crop images go")
+    p.add_argument("--table-out", type=Path, help="without --shard: the crops table")
+    p.add_argument("--rejected-out", type=Path, help="without --shard: the rejected crops")
     _add_shard(p, "with --shard: this shard's crops table")
 
     p = sub.add_parser("pair-index", help="list candidate pairs from every layout")
@@ -67,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--faces", type=Path, required=True)
     p.add_argument("--crops", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the pair index (.parquet)")
+    p.add_argument("--rejected-out", type=Path, required=True, help="the rejected candidates")
 
     p = sub.add_parser("pair", help="choose faces, cut aligned pair crops, score every pair")
     p.add_argument("--index", type=Path, required=True)
@@ -75,19 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--faces", type=Path, required=True)
     p.add_argument("--crops", type=Path, required=True)
-    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True, help="where the pair crops go")
+    p.add_argument("--index-rejected", type=Path, help="without --shard: the index's rejects")
+    p.add_argument("--table-out", type=Path, help="without --shard: the pairs table")
+    p.add_argument("--rejected-out", type=Path, help="without --shard: the rejected pairs")
     _add_shard(p, "with --shard: this shard's pairs table")
 
     p = sub.add_parser("gather", help="merge shard tables into the final tables")
     p.add_argument("kind", choices=["faces", "crops", "pairs"])
-    p.add_argument("shards", type=Path, nargs="+")
-    p.add_argument("--out", type=Path, help="faces: the faces table to write")
-    p.add_argument("--out-dir", type=Path, help="crops, pairs: the step's folder")
-    p.add_argument("--index", type=Path, help="pairs: the pair index (for its rejects)")
+    p.add_argument("shards", type=Path, nargs="+", help="the shard tables (faces: N.faces)")
+    p.add_argument("--images-shards", type=Path, nargs="+", help="faces: the N.images tables")
+    p.add_argument("--out", type=Path, required=True, help="the gathered table")
+    p.add_argument("--images-out", type=Path, help="faces: the images table")
+    p.add_argument("--rejected-out", type=Path, required=True, help="the rejects (.csv)")
+    p.add_argument("--images-dir", type=Path, help="crops, pairs: the folder of their PNGs")
+    p.add_argument("--index-rejected", type=Path, help="pairs: the pair index's rejects")
 
     p = sub.add_parser("caption", help="caption every usable pair and lint the captions")
-    p.add_argument("--pairs", type=Path, required=True)
-    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--pairs", type=Path, required=True, help="the pairs table")
+    p.add_argument("--pairs-dir", type=Path, required=True, help="the pair crops' folder")
+    p.add_argument("--out", type=Path, required=True, help="the captions table")
+    p.add_argument("--lint-out", type=Path, required=True)
+    p.add_argument("--rejected-out", type=Path, required=True)
 
     p = sub.add_parser("split", help="hold out a seeded validation split of pairs")
     p.add_argument("--pairs", type=Path, required=True)
@@ -107,14 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("phase")
     p.add_argument("--data", type=Path, required=True, help="the phase's dataset folder")
     p.add_argument("--out", type=Path, required=True, help="the phase's training folder")
+    p.add_argument("--summary-out", type=Path, default=None, help="default: OUT/train.json")
+    p.add_argument("--plot-out", type=Path, default=None, help="default: OUT/loss.png")
     p.add_argument(
-        "--train-root",
+        "--results",
         type=Path,
         default=None,
-        help="where earlier phases trained (default: the parent of --out)",
+        help="where earlier phases trained and were chosen (default: paths.results)",
     )
-    p.add_argument("--eval-root", type=Path, default=None, help="default: RESULTS/eval")
-    p.add_argument("--cache", type=Path, default=None, help="default: RESULTS/cache")
+    p.add_argument("--cache", type=Path, default=None, help="default: the layout's cache")
     p.add_argument(
         "--processes",
         type=int,
@@ -133,20 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", type=int, default=None, help="which eval job of the phase")
     p.add_argument("--validation", type=Path, required=True)
     p.add_argument("--train-dir", type=Path, default=None, help="the phase's training folder")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the job's folder (its images)")
+    p.add_argument("--metrics-out", type=Path, required=True, help="the job's table (.csv)")
+    p.add_argument("--backends-out", type=Path, required=True, help="what computed each metric")
 
     p = sub.add_parser("choose", help="pick the best checkpoint of a phase (best.json)")
     p.add_argument("phase")
-    p.add_argument("--eval-root", type=Path, required=True)
-    p.add_argument("--train-root", type=Path, required=True)
+    p.add_argument("--results", type=Path, required=True, help="paths.results")
+    p.add_argument("--out", type=Path, required=True, help="the choice (best.json)")
 
     p = sub.add_parser("eval-report", help="all rows, per-checkpoint means, plots, sheets")
-    p.add_argument("--eval-root", type=Path, required=True)
+    p.add_argument("--results", type=Path, required=True, help="paths.results")
     p.add_argument("--validation", type=Path, required=True)
+    p.add_argument("--metrics-out", type=Path, required=True)
+    p.add_argument("--summary-out", type=Path, required=True)
+    p.add_argument("--plots-out", type=Path, nargs="+", required=True, help="one per phase")
+    p.add_argument("--sheets-out", type=Path, nargs="+", required=True, help="one per phase")
 
     p = sub.add_parser("final", help="the final LoRA (last phase's choice) and its model card")
-    p.add_argument("--results", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--results", type=Path, required=True, help="paths.results")
+    p.add_argument("--out", type=Path, required=True, help="the final LoRA's folder")
 
     p = sub.add_parser("merge", help="merge LoRAs by weight (exact), optionally SVD-compressed")
     p.add_argument("inputs", nargs="+", help="LoRA files or checkpoint folders, each PATH[:WEIGHT]")
@@ -161,13 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--family",
-        choices=["qwen_image_edit", "flux2_klein"],
+        choices=FAMILY_NAMES,
         default=None,
         help="default: model.family",
     )
 
     p = sub.add_parser("make-tiny-model", help="a tiny random model of a family (demo, tests)")
-    p.add_argument("family", choices=["qwen_image_edit", "flux2_klein"])
+    p.add_argument("family", choices=FAMILY_NAMES)
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
 
@@ -175,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="a model folder or a transformer config.json")
     p.add_argument(
         "--family",
-        choices=["qwen_image_edit", "flux2_klein"],
+        choices=FAMILY_NAMES,
         help="default: from the config's class name",
     )
     p.add_argument("--presets", help="comma-separated (default: every preset of the family)")
@@ -184,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument(
         "--quantize",
-        choices=["none", "fp8", "int8", "nf4"],
+        choices=get_args(ModelParams.model_fields["quantize"].annotation),
         default="none",
         help="the frozen blocks' weights as model.quantize stores them (default: bf16)",
     )
@@ -204,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="counts, rejection reasons and score plots")
     p.add_argument("--results", type=Path, default=None, help="default: paths.results")
-    p.add_argument("--out-dir", type=Path, default=None, help="default: RESULTS/summary")
+    p.add_argument("--out", type=Path, default=None, help="default: the layout's summary.json")
+    p.add_argument("--funnel-out", type=Path, default=None, help="default: the layout's")
+    p.add_argument("--scores-out", type=Path, default=None, help="default: the layout's")
     p.add_argument("--print-only", action="store_true", help="print the last summary.json")
     return parser
 
@@ -212,10 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _shard(text: str | None) -> tuple[int, int]:
     from facelora.io.sharding import parse_shard
 
-    try:
-        return parse_shard(text) if text else (0, 1)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    return parse_shard(text) if text else (0, 1)
 
 
 def _need_shard_out(args) -> None:
@@ -237,10 +264,7 @@ def cmd_params(args, params) -> int:
 def cmd_sample_data(args, params) -> int:
     from facelora.prepare.sample_data import build_sample_data
 
-    try:
-        counts = build_sample_data(args.dest)
-    except FileExistsError as exc:
-        raise UserError(str(exc)) from None
+    counts = build_sample_data(args.dest)
     print(
         f"sample data in {args.dest}: {counts['files']} files, {counts['pairs']} pairs "
         f"(plus {counts['bad']} deliberately bad inputs)"
@@ -253,15 +277,18 @@ def cmd_detect(args, params) -> int:
 
     workers = args.workers or params.workflow.workers
     if args.shard:
-        images_out = args.images_out or args.out.with_name(
-            args.out.name.replace(".faces.parquet", "") + ".images.parquet"
-        )
-        detect_shard(args.images_dir, args.out, images_out, params, _shard(args.shard), workers)
+        shard = _shard(args.shard)
+        if not args.images_out:
+            raise UserError("--shard needs --images-out (this shard's images table)")
+        detect_shard(args.images_dir, args.out, args.images_out, params, shard, workers)
         return 0
+    outputs = DetectOutputs.beside(args.out)  # standalone: the other tables beside --out
+    outputs.images = args.images_out or outputs.images
+    outputs.rejected = args.rejected_out or outputs.rejected
     with tempfile.TemporaryDirectory() as tmp:
         faces, images = Path(tmp, "0.faces.parquet"), Path(tmp, "0.images.parquet")
         detect_shard(args.images_dir, faces, images, params, (0, 1), workers)
-        stats = gather_detections([(faces, images)], DetectOutputs.beside(args.out))
+        stats = gather_detections([(faces, images)], outputs)
     print(json.dumps(stats))
     return 0
 
@@ -283,10 +310,13 @@ def cmd_crop(args, params) -> int:
             workers,
         )
         return 0
+    if not (args.table_out and args.rejected_out):
+        raise UserError("without --shard, crop needs --table-out and --rejected-out")
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp, "0.crops.parquet")
         crop_shard(args.raw, args.faces, args.images, args.out_dir, shard, params, (0, 1), workers)
-        print(json.dumps(gather_crops([shard], args.out_dir)))
+        stats = gather_crops([shard], args.out_dir, args.table_out, args.rejected_out)
+        print(json.dumps(stats))
     return 0
 
 
@@ -294,7 +324,7 @@ def cmd_pair_index(args, params) -> int:
     from facelora.prepare.pairs.index import build_index, write_index
 
     index, rejected = build_index(args.raw, args.images, args.faces, args.crops, params)
-    write_index(index, rejected, args.out)
+    write_index(index, rejected, args.out, args.rejected_out)
     print(json.dumps({"candidates": len(index), "rejected": len(rejected)}))
     return 0
 
@@ -308,11 +338,15 @@ def cmd_pair(args, params) -> int:
     if args.shard:
         score_shard(*common, args.shard_out, params, _shard(args.shard), workers)
         return 0
+    if not (args.index_rejected and args.table_out and args.rejected_out):
+        raise UserError("without --shard, pair needs --index-rejected, --table-out, --rejected-out")
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp, "0.pairs.parquet")
         score_shard(*common, shard, params, (0, 1), workers)
-        rejected = args.index.with_name("index_rejected.csv")
-        print(json.dumps(gather_pairs([shard], rejected, args.out_dir, params)))
+        stats = gather_pairs(
+            [shard], args.index_rejected, args.out_dir, params, args.table_out, args.rejected_out
+        )
+        print(json.dumps(stats))
     return 0
 
 
@@ -320,28 +354,25 @@ def cmd_gather(args, params) -> int:
     if args.kind == "faces":
         from facelora.prepare.faces.detect import DetectOutputs, gather_detections
 
-        if not args.out:
-            raise UserError("gather faces needs --out FACES.parquet")
-        pairs = []
-        for faces in args.shards:
-            images = faces.with_name(faces.name.replace(".faces.parquet", ".images.parquet"))
-            if faces == images:
-                raise UserError(f"{faces}: shard faces tables are named N.faces.parquet")
-            pairs.append((faces, images))
-        stats = gather_detections(pairs, DetectOutputs.beside(args.out))
+        images = args.images_shards or []
+        if not args.images_out or len(images) != len(args.shards):
+            raise UserError("gather faces needs --images-out and one --images-shards per shard")
+        outputs = DetectOutputs(args.out, args.images_out, args.rejected_out)
+        stats = gather_detections(list(zip(args.shards, images, strict=True)), outputs)
     elif args.kind == "crops":
         from facelora.prepare.faces.crop import gather_crops
 
-        if not args.out_dir:
-            raise UserError("gather crops needs --out-dir")
-        stats = gather_crops(args.shards, args.out_dir)
+        if not args.images_dir:
+            raise UserError("gather crops needs --images-dir (the crops folder)")
+        stats = gather_crops(args.shards, args.images_dir, args.out, args.rejected_out)
     else:
         from facelora.prepare.pairs.score import gather_pairs
 
-        if not args.out_dir or not args.index:
-            raise UserError("gather pairs needs --out-dir and --index")
-        rejected = args.index.with_name("index_rejected.csv")
-        stats = gather_pairs(args.shards, rejected, args.out_dir, params)
+        if not args.images_dir or not args.index_rejected:
+            raise UserError("gather pairs needs --images-dir and --index-rejected")
+        stats = gather_pairs(
+            args.shards, args.index_rejected, args.images_dir, params, args.out, args.rejected_out
+        )
     print(json.dumps(stats))
     return 0
 
@@ -349,7 +380,10 @@ def cmd_gather(args, params) -> int:
 def cmd_caption(args, params) -> int:
     from facelora.prepare.captions import caption_pairs
 
-    print(json.dumps(caption_pairs(args.pairs, args.out_dir, params)))
+    stats = caption_pairs(
+        args.pairs, args.pairs_dir, params, args.out, args.lint_out, args.rejected_out
+    )
+    print(json.dumps(stats))
     return 0
 
 
@@ -362,12 +396,9 @@ def cmd_split(args, params) -> int:
 
 
 def cmd_select(args, params) -> int:
-    from facelora.prepare.phases import PhaseEmpty, run_select
+    from facelora.prepare.phases import run_select
 
-    try:
-        info = run_select(args.phase, args.pairs, args.captions, args.split, args.out_dir, params)
-    except PhaseEmpty as exc:
-        raise UserError(str(exc)) from None
+    info = run_select(args.phase, args.pairs, args.captions, args.split, args.out_dir, params)
     print(json.dumps({k: info[k] for k in ("name", "candidates", "after_filters", "selected")}))
     return 0
 
@@ -390,12 +421,7 @@ def _relaunch(args, processes: int) -> int:
 
     from facelora.train.launch import launcher_argv
 
-    try:
-        argv = launcher_argv(
-            processes, args.nodes, os.environ, torch.cuda.is_available(), sys.argv[1:]
-        )
-    except RuntimeError as exc:
-        raise UserError(str(exc)) from None
+    argv = launcher_argv(processes, args.nodes, os.environ, torch.cuda.is_available(), sys.argv[1:])
     return subprocess.call(argv)
 
 
@@ -404,21 +430,22 @@ def cmd_train(args, params) -> int:
 
     if (args.processes > 1 or args.nodes > 1) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _relaunch(args, args.processes)
-    from facelora.models.adapters import ModelRefused
-    from facelora.models.lora_io import LoraMismatch
     from facelora.train.init import resolve_init
-    from facelora.train.loop import TrainingDiverged, train_phase
+    from facelora.train.loop import train_phase
 
-    results = Path(params.paths.results)
+    layout = Layout(str(args.results or params.paths.results))
     params.phase(args.phase)  # an unknown phase fails here, with the list
-    train_root = args.train_root or args.out.parent
-    init = resolve_init(params, args.phase, train_root, args.eval_root or results / "eval")
-    try:
-        summary = train_phase(
-            args.phase, args.data, args.out, params, init, args.cache or results / "cache"
-        )
-    except (ModelRefused, LoraMismatch, TrainingDiverged) as exc:
-        raise UserError(str(exc)) from None
+    init = resolve_init(params, args.phase, layout)
+    summary = train_phase(
+        args.phase,
+        args.data,
+        args.out,
+        params,
+        init,
+        args.cache or Path(layout.cache_dir()),
+        summary_out=args.summary_out,
+        plot_out=args.plot_out,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("phase", "steps", "final_loss", "resumed", "processes", "in_sync")
         print(json.dumps({k: summary[k] for k in keys}))
@@ -437,7 +464,16 @@ def cmd_evaluate(args, params) -> int:
         if args.train_dir is None:
             raise UserError("--train-dir is needed for a phase")
         steps = groups[args.group]
-    frame = evaluate_group(params, args.phase, steps, args.validation, args.train_dir, args.out)
+    frame = evaluate_group(
+        params,
+        args.phase,
+        steps,
+        args.validation,
+        args.train_dir,
+        args.out,
+        metrics_out=args.metrics_out,
+        backends_out=args.backends_out,
+    )
     print(
         json.dumps(
             {
@@ -454,10 +490,7 @@ def cmd_evaluate(args, params) -> int:
 def cmd_choose(args, params) -> int:
     from facelora.evaluate.report import write_choice
 
-    try:
-        choice = write_choice(args.phase, params, args.eval_root, args.train_root)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    choice = write_choice(args.phase, params, Layout(str(args.results)), args.out)
     print(json.dumps({k: choice[k] for k in ("phase", "step", "score", "reason")}))
     return 0
 
@@ -465,7 +498,18 @@ def cmd_choose(args, params) -> int:
 def cmd_eval_report(args, params) -> int:
     from facelora.evaluate.report import write_report
 
-    summary = write_report(params, args.eval_root, args.validation)
+    names = params.phase_names
+    if len(args.plots_out) != len(names) or len(args.sheets_out) != len(names):
+        raise UserError(f"eval-report: give one --plots-out and --sheets-out per phase ({names})")
+    summary = write_report(
+        params,
+        Layout(str(args.results)),
+        args.validation,
+        args.metrics_out,
+        args.summary_out,
+        dict(zip(names, args.plots_out, strict=True)),
+        dict(zip(names, args.sheets_out, strict=True)),
+    )
     print(json.dumps({phase: len(steps) for phase, steps in summary.items()}))
     return 0
 
@@ -482,17 +526,14 @@ def cmd_merge(args, params) -> int:
     from facelora.release.merge import merge_main
 
     family = args.family or (params.model.family if params else "qwen_image_edit")
-    try:
-        report = merge_main(
-            args.inputs,
-            args.out,
-            rank=args.rank,
-            family=family,
-            normalize=not args.no_normalize,
-            fuse_into=args.fuse_into,
-        )
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    report = merge_main(
+        args.inputs,
+        args.out,
+        rank=args.rank,
+        family=family,
+        normalize=not args.no_normalize,
+        fuse_into=args.fuse_into,
+    )
     summary = {
         "out": str(args.out),
         "weights": report.get("weights"),
@@ -507,10 +548,7 @@ def cmd_merge(args, params) -> int:
 def cmd_make_tiny_model(args, params) -> int:
     from facelora.models.tiny import make_tiny_model
 
-    try:
-        out = make_tiny_model(args.family, args.out, seed=args.seed)
-    except FileExistsError as exc:
-        raise UserError(str(exc)) from None
+    out = make_tiny_model(args.family, args.out, seed=args.seed)
     print(f"tiny random {args.family} model (not a real model) in {out}")
     return 0
 
@@ -527,19 +565,16 @@ def cmd_plan(args, params) -> int:
     if family is None:
         raise UserError(f"{path}: unknown transformer class; pass --family")
     presets = [p.strip() for p in args.presets.split(",")] if args.presets else None
-    try:
-        rows = plan(
-            config,
-            family,
-            presets,
-            _ints(args.ranks, "--ranks"),
-            args.dtype_bytes,
-            blocks=_ints(args.blocks, "--blocks"),
-            resolution=args.resolution,
-            quantize=args.quantize,
-        )
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    rows = plan(
+        config,
+        family,
+        presets,
+        _ints(args.ranks, "--ranks"),
+        args.dtype_bytes,
+        blocks=_ints(args.blocks, "--blocks"),
+        resolution=args.resolution,
+        quantize=args.quantize,
+    )
     print(format_plan(rows))
     return 0
 
@@ -547,36 +582,39 @@ def cmd_plan(args, params) -> int:
 def cmd_summary(args, params) -> int:
     from facelora.prepare.summary import format_summary, write_summary
 
-    results = args.results or Path(params.paths.results)
-    out_dir = args.out_dir or results / "summary"
+    layout = Layout(str(args.results or params.paths.results))
+    out = args.out or Path(layout.summary())
+    funnel = args.funnel_out or Path(layout.funnel_plot())
+    scores = args.scores_out or Path(layout.scores_plot())
     if args.print_only:
-        path = out_dir / "summary.json"
-        if not path.is_file():
-            raise UserError(f"{path} not found: run the workflow first (snakemake --cores 2)")
-        summary = json.loads(path.read_text())
+        if not out.is_file():
+            raise UserError(f"{out} not found: run the workflow first (snakemake --cores 2)")
+        summary = json.loads(out.read_text())
     else:
-        summary = write_summary(results, params, out_dir)
+        summary = write_summary(layout.root, params, out, funnel, scores)
     print(format_summary(summary))
-    print(f"\nplots: {out_dir / 'funnel.png'}, {out_dir / 'scores.png'}")
-    trained = [results / "train" / p / "train.json" for p in params.phase_names]
-    if any(t.is_file() for t in trained):
+    print(f"\nplots: {funnel}, {scores}")
+    trained = [(Path(layout.train_summary(p)), layout.loss_plot(p)) for p in params.phase_names]
+    if any(t.is_file() for t, _ in trained):
         print("\ntraining (one LoRA per phase):")
-        for path in trained:
+        for path, plot in trained:
             if path.is_file():
                 t = json.loads(path.read_text())
                 print(
                     f"  {t['phase']:<14} {t['steps']:>6} steps  final loss {t['final_loss']:.4f}"
-                    f"  {len(t['checkpoints'])} checkpoints  {path.parent / 'loss.png'}"
+                    f"  {len(t['checkpoints'])} checkpoints  {plot}"
                 )
-    evaluated = results / "eval" / "summary.json"
+    evaluated = Path(layout.eval_summary())
     if evaluated.is_file():
-        print(format_evaluation(json.loads(evaluated.read_text()), results, params))
+        print(format_evaluation(json.loads(evaluated.read_text()), layout.root, params))
     return 0
 
 
-def format_evaluation(summary: dict, results: Path, params) -> str:
-    """The evaluation table: every checkpoint's means, the choice per phase, the final LoRA."""
-    from facelora.config import EVAL_METRICS
+def format_evaluation(summary: dict, results: str | Path, params) -> str:
+    """The evaluation table: every checkpoint's means, the choice per phase, the final LoRA
+    (`results`: paths.results)."""
+    layout = Layout(str(results))
+    from facelora.registry.scores import EVAL_METRICS
 
     def cell(value) -> str:
         return f"{value:>12.4f}" if isinstance(value, int | float) else f"{'n/a':>12}"
@@ -600,13 +638,12 @@ def format_evaluation(summary: dict, results: Path, params) -> str:
     }
     for metric, reason in unavailable.items():
         lines.append(f"  {metric} unavailable: {reason}")
-    lines.append("  * the chosen checkpoint of each phase (results/eval/phases/<phase>/best.json)")
+    lines.append(f"  * the chosen checkpoint of each phase ({layout.best('<phase>')})")
     lines.append(
-        f"plots: {results / 'eval' / 'plots'}/, contact sheets: {results / 'eval' / 'contact'}/"
+        f"plots: {layout.eval_plot('<phase>')}, contact sheets: {layout.contact_sheet('<phase>')}"
     )
-    final = results / "final" / "final.json"
-    if final.is_file():
-        lines.append(f"final LoRA: {final.parent}/ (model card {final.parent / 'README.md'})")
+    if Path(layout.final_info()).is_file():
+        lines.append(f"final LoRA: {layout.final_dir()}/ (model card {layout.final_card()})")
     return "\n".join(lines)
 
 
@@ -616,28 +653,81 @@ def cmd_snakemake(args, params) -> int:
     return run_snakemake(params.workflow.profile, args.snakemake_args)
 
 
-COMMANDS = {
-    "params": cmd_params,
-    "sample-data": cmd_sample_data,
-    "detect": cmd_detect,
-    "crop": cmd_crop,
-    "pair-index": cmd_pair_index,
-    "pair": cmd_pair,
-    "gather": cmd_gather,
-    "caption": cmd_caption,
-    "split": cmd_split,
-    "select": cmd_select,
-    "summary": cmd_summary,
-    "plan": cmd_plan,
-    "make-tiny-model": cmd_make_tiny_model,
-    "train": cmd_train,
-    "evaluate": cmd_evaluate,
-    "choose": cmd_choose,
-    "eval-report": cmd_eval_report,
-    "final": cmd_final,
-    "merge": cmd_merge,
-    "snakemake": cmd_snakemake,
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its function and the params.yaml keys it reads (facelora.workflow.declared).
+
+    `reads` decide its outputs: they are the rule's rerun trigger and belong in the DVC stage's
+    params. `uses` are read too but change no output (how many workers run it). reads=None:
+    the whole file (the params command prints it)."""
+
+    run: Callable[[argparse.Namespace, Any], int]
+    reads: tuple[str, ...] | None = ()
+    uses: tuple[str, ...] = ()
+
+
+WORKERS = ("workflow.workers",)
+COMMANDS: dict[str, Command] = {
+    "params": Command(cmd_params, reads=None),
+    "sample-data": Command(cmd_sample_data),
+    "detect": Command(cmd_detect, reads=("images", "faces"), uses=WORKERS),
+    "crop": Command(cmd_crop, reads=("images", "crop"), uses=WORKERS),
+    "pair-index": Command(cmd_pair_index, reads=("images", "pairs", "faces")),
+    "pair": Command(cmd_pair, reads=("images", "crop", "pairs"), uses=WORKERS),
+    "gather faces": Command(cmd_gather),
+    "gather crops": Command(cmd_gather),
+    "gather pairs": Command(cmd_gather, reads=("pairs",)),
+    "caption": Command(cmd_caption, reads=("captions", "pairs")),
+    "split": Command(cmd_split, reads=("seed", "split", "faces")),
+    "select": Command(cmd_select, reads=(PHASE,)),
+    "summary": Command(cmd_summary, reads=(PHASE,), uses=("paths.results",)),
+    "plan": Command(cmd_plan),
+    "make-tiny-model": Command(cmd_make_tiny_model),
+    "train": Command(
+        cmd_train, reads=("seed", "lr", "model", "lora", "train", PHASE), uses=("paths.results",)
+    ),
+    "evaluate base": Command(cmd_evaluate, reads=("seed", "model", "eval", "captions", "faces")),
+    "evaluate": Command(
+        cmd_evaluate,
+        reads=("seed", "model", "eval", "captions", "faces", PHASE, "train.save_every"),
+    ),
+    "choose base": Command(cmd_choose),
+    "choose": Command(cmd_choose, reads=("objective", "eval", PHASE, "train.save_every")),
+    "eval-report": Command(
+        cmd_eval_report, reads=(PHASE, "train.save_every", "eval.checkpoints_per_job")
+    ),
+    "final": Command(
+        cmd_final,
+        reads=(
+            "seed",
+            "lr",
+            "final",
+            "objective",
+            "model",
+            "lora",
+            "train",
+            "captions.trigger",
+            PHASE,
+        ),
+    ),
+    "merge": Command(cmd_merge, reads=("model.family",)),
+    "snakemake": Command(cmd_snakemake, uses=("workflow.profile",)),
 }
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """The declaration's name: the subcommand, with gather's kind, and `base` for evaluate
+    and choose of the model alone (which read less than a phase's)."""
+    if args.command == "gather":
+        return f"gather {args.kind}"
+    if args.command in ("evaluate", "choose") and args.phase == BASE:
+        return f"{args.command} base"
+    return args.command
+
+
+def reads_of(name: str) -> tuple[str, ...] | None:
+    """The keys `facelora NAME` reads that decide its outputs (the rule's rerun trigger)."""
+    return COMMANDS[name].reads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -651,13 +741,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from facelora.prepare.faces.types import ModelFileMissing
-
     try:
         optional = ("sample-data", "plan", "make-tiny-model", "merge")
         needs_params = args.command not in optional or args.params.is_file()
         params = load_params(args.params) if needs_params else None
-        return COMMANDS[args.command](args, params)
-    except (ParamsError, UserError, ModelFileMissing, FileNotFoundError) as exc:
+        name = command_name(args)
+        command = COMMANDS[name]
+        if params is not None and command.reads is not None:
+            params = DeclaredParams(params, (*command.reads, *command.uses), name)
+        return command.run(args, params)
+    except FaceloraError as exc:  # anything else is a bug: its traceback stays
         print(f"facelora {args.command}: error: {exc}", file=sys.stderr)
         return 2

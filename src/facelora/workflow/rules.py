@@ -16,9 +16,12 @@ from typing import Any
 import yaml
 
 from facelora.config import Params, ParamsError, load_params
+from facelora.errors import EnvironmentProblem
 from facelora.io.sharding import shard_of
 from facelora.prepare.images import scan_images
 from facelora.prepare.pairs.layouts import MANIFEST_SUFFIXES
+from facelora.registry.layout import Layout
+from facelora.workflow.declared import PHASE
 
 PARAMS_FILE = "params.yaml"
 SIDECAR_SUFFIXES = {".txt", *MANIFEST_SUFFIXES}
@@ -45,7 +48,9 @@ def put_cli_on_path() -> None:
     if bin_dir not in path.split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + path
     if shutil.which("facelora") is None:
-        raise RuntimeError(f"the facelora command is not installed in {bin_dir}: pip install -e .")
+        raise EnvironmentProblem(
+            f"the facelora command is not installed in {bin_dir}: pip install -e ."
+        )
 
 
 @cache
@@ -79,15 +84,36 @@ def raw_sidecars(params: Params) -> list[str]:
     )
 
 
-def settings(params: Params, *sections: str) -> dict[str, Any]:
-    """The named params sections as plain data (rule params: a change reruns the rule)."""
+def _setting(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def command_settings(params: Params, command: str):
+    """A rule param: the settings `facelora COMMAND` declares it reads, as plain data, so that
+    changing one of them reruns the rule (and only those). A `phase` key is the job's phase
+    entry with the phase order (the whole list in a rule without a phase wildcard)."""
+    from facelora.workflow.cli import reads_of
+
+    keys = reads_of(command) or ()
     data = params.model_dump(mode="json")
-    return {name: data[name] for name in sections}
 
+    def value(wildcards) -> dict[str, Any]:
+        out = {}
+        for key in keys:
+            if key == PHASE and hasattr(wildcards, "phase"):
+                out[key] = {
+                    "entry": params.phase(wildcards.phase).model_dump(mode="json"),
+                    "order": params.phase_names,
+                }
+            elif key == PHASE:
+                out[key] = data["phases"]
+            else:
+                out[key] = _setting(data, key)
+        return out
 
-def output_parent(key: str, levels: int = 1):
-    """A rule param: the folder `levels` above the rule's output `key`."""
-    return lambda wildcards, output: str(Path(output[key]).parents[levels - 1])
+    return value
 
 
 def raw_folder(params: Params):
@@ -95,7 +121,7 @@ def raw_folder(params: Params):
     return lambda wildcards: params.paths.raw
 
 
-def previous_training(params: Params, results: str):
+def previous_training(params: Params, layout: Layout):
     """A rule input: what this phase starts from: the previous phase's training, and its
     evaluated choice when init_from is best."""
 
@@ -106,25 +132,31 @@ def previous_training(params: Params, results: str):
         if position == 0 or phase.init_from not in ("best", "last"):
             return []
         previous = names[position - 1]
-        found = [f"{results}/train/{previous}/train.json"]
+        found = [layout.train_summary(previous)]
         if phase.init_from == "best":
-            found.append(f"{results}/eval/phases/{previous}/best.json")
+            found.append(layout.best(previous))
         return found
 
     return inputs
 
 
-def eval_group_outputs(params: Params, results: str):
+def eval_group_outputs(params: Params, layout: Layout):
     """A rule input: every evaluation job's table of one phase."""
 
     def inputs(wildcards) -> list[str]:
         groups = params.eval_groups(wildcards.phase)
-        return [
-            f"{results}/eval/phases/{wildcards.phase}/group-{g}/metrics.csv"
-            for g in range(len(groups))
-        ]
+        return [layout.eval_group_metrics(wildcards.phase, g) for g in range(len(groups))]
 
     return inputs
+
+
+def all_eval_group_outputs(params: Params, layout: Layout) -> list[str]:
+    """Every evaluation job's table of every phase (the report's inputs)."""
+    return [
+        layout.eval_group_metrics(phase, g)
+        for phase in params.phase_names
+        for g in range(len(params.eval_groups(phase)))
+    ]
 
 
 def job_resources(params: Params, kind: str) -> dict[str, Any]:
@@ -159,3 +191,9 @@ def job_resources(params: Params, kind: str) -> dict[str, Any]:
 def train_processes(params: Params):
     """`facelora train --processes`: one per GPU of the phase's job (at least one)."""
     return lambda wildcards: max(1, params.train_gpus(wildcards.phase))
+
+
+def folder(path: str):
+    """A rule param: a results-layout folder the command writes into or reads from (passed as
+    a function: the folder is the layout's, not a prefix derived from one of the rule's files)."""
+    return lambda wildcards: path

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from facelora.errors import MissingInput
+
 RUN_LOCK = Path(".snakemake") / "facelora-run.lock"
 SNAKEMAKE_LOCKS = Path(".snakemake") / "locks"
 
@@ -27,7 +29,7 @@ def snakemake_binary() -> str:
         "snakemake", path=str(Path(sys.executable).parent)
     )
     if found is None:
-        raise FileNotFoundError("snakemake is not installed in this environment: pip install -e .")
+        raise MissingInput("snakemake is not installed in this environment: pip install -e .")
     return found
 
 

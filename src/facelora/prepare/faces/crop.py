@@ -141,16 +141,19 @@ def crop_shard(
     return count
 
 
-def gather_crops(shards: list[Path], crops_dir: str | Path) -> dict:
-    """Merge shard tables into crops.parquet + rejected.csv; delete PNGs no row refers to."""
+def gather_crops(
+    shards: list[Path], crops_dir: str | Path, table_out: str | Path, rejected_out: str | Path
+) -> dict:
+    """Merge shard tables into the crops table + the rejects; delete the PNGs in `crops_dir`
+    that no row refers to."""
     crops_dir = Path(crops_dir)
     table = pa.concat_tables([pq.read_table(s, schema=CROPS) for s in shards])
     table = table.sort_by([("image", "ascending"), ("face_index", "ascending")])
-    write_parquet(crops_dir / "crops.parquet", table)
+    write_parquet(table_out, table)
     frame = table.to_pandas()
     rejected = frame.loc[frame["status"] == "rejected"]
     write_csv(
-        crops_dir / "rejected.csv",
+        rejected_out,
         pd.DataFrame(
             {
                 "image": rejected["image"],

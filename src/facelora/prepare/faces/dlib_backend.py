@@ -16,7 +16,8 @@ import dlib
 import numpy as np
 
 from facelora.config import DlibParams
-from facelora.prepare.faces.types import Detection, Face, ModelFileMissing, unit
+from facelora.errors import ModelFileMissing
+from facelora.prepare.faces.types import Detection, Face, unit
 
 CHIP_SIZE, CHIP_PADDING = 150, 0.25  # the aligned chip dlib's embedder expects
 

@@ -28,7 +28,8 @@ from insightface.model_zoo.package_manifest import (
 from insightface.utils.face_align import norm_crop
 
 from facelora.config import DlibParams, InsightfaceParams
-from facelora.prepare.faces.types import Detection, Face, ModelFileMissing, unit
+from facelora.errors import ModelFileMissing
+from facelora.prepare.faces.types import Detection, Face, unit
 
 PROVIDERS = ["CPUExecutionProvider"]
 # What each role looks like in the usual packs, for the error message.

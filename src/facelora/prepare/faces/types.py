@@ -51,10 +51,6 @@ class Embedder(Protocol):
         ...
 
 
-class ModelFileMissing(FileNotFoundError):
-    """A configured model file is absent; the message names the params.yaml setting."""
-
-
 def unit(vector: np.ndarray) -> np.ndarray:
     v = np.asarray(vector, dtype=np.float32).reshape(-1)
     n = float(np.linalg.norm(v))

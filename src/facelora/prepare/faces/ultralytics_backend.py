@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from facelora.config import UltralyticsParams
-from facelora.prepare.faces.types import Detection, ModelFileMissing
+from facelora.errors import ModelFileMissing
+from facelora.prepare.faces.types import Detection
 
 
 def _offline_environment() -> None:

@@ -181,8 +181,9 @@ def build_index(
     return index, rejected_frame
 
 
-def write_index(index: pd.DataFrame, rejected: pd.DataFrame, out: str | Path) -> None:
-    out = Path(out)
+def write_index(
+    index: pd.DataFrame, rejected: pd.DataFrame, out: str | Path, rejected_out: str | Path
+) -> None:
     write_parquet(out, pa.Table.from_pandas(index, schema=INDEX, preserve_index=False))
-    write_csv(out.with_name("index_rejected.csv"), rejected)
+    write_csv(rejected_out, rejected)
     log.info("pair index: %d candidates, %d rejected", len(index), len(rejected))

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from facelora.config import SCORE_COLUMNS, Params, ScoreRange
+from facelora.config import Params, ScoreRange
 from facelora.io.atomic import link_or_copy, write_csv, write_parquet, write_png
 from facelora.io.parallel import ordered_map
 from facelora.io.progress import progress
@@ -29,6 +29,7 @@ from facelora.prepare.faces.pose import pose_difference
 from facelora.prepare.images import ImageRejected, read_image
 from facelora.prepare.pairs import quality
 from facelora.prepare.pairs.index import INDEX, REJECTED_COLUMNS
+from facelora.registry.scores import SCORE_COLUMNS
 
 log = logging.getLogger(__name__)
 IMAGES_SUBDIR = "images"
@@ -454,8 +455,15 @@ def gate_reason(row: dict, require: dict[str, ScoreRange]) -> str | None:
 
 
 def gather_pairs(
-    shards: list[Path], index_rejected: Path, pairs_dir: str | Path, params: Params
+    shards: list[Path],
+    index_rejected: str | Path,
+    pairs_dir: str | Path,
+    params: Params,
+    table_out: str | Path,
+    rejected_out: str | Path,
 ) -> dict:
+    """Merge shard tables into the pairs table (pairs.require applied) and the rejects (the
+    index's and the scoring's); delete the PNGs in `pairs_dir` that no row refers to."""
     pairs_dir = Path(pairs_dir)
     table = pa.concat_tables([pq.read_table(s, schema=PAIRS) for s in shards])
     rows = table.sort_by([("pair_id", "ascending")]).to_pylist()
@@ -464,7 +472,7 @@ def gather_pairs(
             reason = gate_reason(row, params.pairs.require)
             if reason:
                 row.update(status="rejected", reason=reason)
-    write_parquet(pairs_dir / "pairs.parquet", pa.Table.from_pylist(rows, schema=PAIRS))
+    write_parquet(table_out, pa.Table.from_pylist(rows, schema=PAIRS))
     rejected = pd.read_csv(index_rejected, dtype=str, keep_default_na=False).replace("", None)
     scored_rejects = pd.DataFrame(
         [
@@ -480,7 +488,7 @@ def gather_pairs(
         ],
         columns=REJECTED_COLUMNS,
     )
-    write_csv(pairs_dir / "rejected.csv", pd.concat([rejected, scored_rejects], ignore_index=True))
+    write_csv(rejected_out, pd.concat([rejected, scored_rejects], ignore_index=True))
     referenced = set()
     for r in rows:
         referenced.update(
