@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   # venv + the whole workflow on the embedded sample data
-#   make test   # venv + the test suite (what CI runs)
+#   make test   # venv + the test suite
+# CI (.ci/run) runs `make lint` (ruff, snakefmt, snakemake --lint), then `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,10 +10,12 @@ RAW := data/raw
 
 .PHONY: demo test lint format clean-results
 
+# torch and torchvision are pinned together and installed first: PyPI's torchvision fails beside
+# other torch builds (`operator torchvision::nms does not exist`), and lpips, torchmetrics'
+# LPIPS and ultralytics need it.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch and torchvision are pinned together (ENVIRONMENT.md): install them first.
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@

@@ -40,32 +40,21 @@ CAPTION = "EDITFACE paint a yellow square"
 
 
 def validation_pairs(folder: Path, count: int) -> Path:
-    """Pairs cut around the astronaut's face at 256 px, the end with a yellow square."""
-    import numpy as np
-    from PIL import Image
+    """Pairs cut around the astronaut's face at 256 px, the end with a yellow square, written by
+    facelora's own writer."""
     from skimage import data
 
-    folder.mkdir(parents=True)
+    from facelora.io.datasets import write_kontext_images
+
     photo = data.astronaut()
-    rows = []
+    pairs = []
     for i in range(count):
         x0 = 100 + 8 * i
-        crop = Image.fromarray(photo[10:266, x0 : x0 + 256])
-        end = np.asarray(crop).copy()
+        crop = photo[10:266, x0 : x0 + 256]
+        end = crop.copy()
         end[100:140, 100:140] = (250, 240, 40)
-        pid = f"v{i:012d}"
-        crop.save(folder / f"{pid}_start.png")
-        Image.fromarray(end).save(folder / f"{pid}_end.png")
-        rows.append(
-            {
-                "pair_id": pid,
-                "start": f"{pid}_start.png",
-                "end": f"{pid}_end.png",
-                "references": [],
-                "caption": CAPTION,
-            }
-        )
-    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        pairs.append({"pair_id": f"v{i:012d}", "start_crop": crop, "end_crop": end})
+    write_kontext_images(folder, [{**pair, "caption": CAPTION} for pair in pairs])
     return folder
 
 

@@ -129,6 +129,7 @@ def child_setup(job: dict) -> dict:
     import transformers
     from PIL import Image
 
+    from facelora.io.datasets import read_manifest, write_kontext_images
     from facelora.models.real_configs import REAL_CONFIGS, real_width_transformer
     from facelora.models.tiny import make_tiny_model
 
@@ -146,29 +147,18 @@ def child_setup(job: dict) -> dict:
         # the released depth in --blocks units (Klein: double blocks, 3 single ones each)
         full_units[family] = REAL_CONFIGS[family]["num_layers"]
 
+    # the phase folder, written by facelora's own writer
     data, size = root / "data", job["resolution"]
-    data.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    rows = []
+    pairs = []
     for i in range(job["pairs"]):
         base = rng.integers(40, 200, (8, 8, 3)).astype(np.uint8)
         start = np.asarray(Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC))
         end = start.copy()
         end[size // 4 : size // 2, size // 4 : size // 2] = (250, 240, 40)
-        pid = f"p{i:012d}"
-        Image.fromarray(start).save(data / f"{pid}_start.png")
-        Image.fromarray(end).save(data / f"{pid}_end.png")
-        (data / f"{pid}.txt").write_text(CAPTION + "\n")
-        rows.append(
-            {
-                "pair_id": pid,
-                "start": f"{pid}_start.png",
-                "end": f"{pid}_end.png",
-                "references": [],
-                "caption": CAPTION,
-            }
-        )
-    (data / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        pairs.append({"pair_id": f"p{i:012d}", "start_crop": start, "end_crop": end})
+    write_kontext_images(data, [{**pair, "caption": CAPTION} for pair in pairs])
+    rows = read_manifest(data)
 
     if job["parquet"]:
         import pyarrow as pa

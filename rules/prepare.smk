@@ -135,11 +135,12 @@ rule pair:
         settings=command_settings(P, "pair"),
         raw=RAW,
         shard=lambda w: f"{w.shard}/{N_SHARDS}",
+        crops_dir=folder(L.crops_dir()),
         pairs_dir=folder(L.pairs_dir()),
     shell:
         "facelora pair --index {input.index} --raw {params.raw:q} --images {input.images}"
-        " --faces {input.faces} --crops {input.crops} --out-dir {params.pairs_dir}"
-        " --shard {params.shard} --shard-out {output.shard} --workers {threads} > {log} 2>&1"
+        " --faces {input.faces} --crops {input.crops} --crops-dir {params.crops_dir}"
+        " --out-dir {params.pairs_dir} --shard {params.shard} --shard-out {output.shard} --workers {threads} > {log} 2>&1"
 
 
 rule gather_pairs:
@@ -202,8 +203,10 @@ rule split:
         **job_resources(P, "data"),
     params:
         settings=command_settings(P, "split"),
+        pairs_dir=folder(L.pairs_dir()),
     shell:
-        "facelora split --pairs {input.pairs} --captions {input.captions}"
+        "facelora split --pairs {input.pairs} --pairs-dir {params.pairs_dir}"
+        " --captions {input.captions}"
         " --faces {input.faces} --out {output.split}"
         " --validation-dir {output.validation} > {log} 2>&1"
 
@@ -225,8 +228,9 @@ rule select_phase:
         **job_resources(P, "data"),
     params:
         settings=command_settings(P, "select"),
+        pairs_dir=folder(L.pairs_dir()),
     shell:
-        "facelora select {wildcards.phase} --pairs {input.pairs}"
+        "facelora select {wildcards.phase} --pairs {input.pairs} --pairs-dir {params.pairs_dir}"
         " --captions {input.captions} --split {input.split} --out-dir {output} > {log} 2>&1"
 
 

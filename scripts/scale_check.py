@@ -79,7 +79,8 @@ def run(n_pairs: int, work: Path) -> list[tuple[str, float, float]]:
                         "--crops", crops, "--out", index,
                         "--rejected-out", L.pair_index_rejected()]),
         ("pair", ["pair", "--index", index, "--raw", "raw", "--images", images, "--faces",
-                  faces, "--crops", crops, "--out-dir", L.pairs_dir(),
+                  faces, "--crops", crops, "--crops-dir", L.crops_dir(),
+                  "--out-dir", L.pairs_dir(),
                   "--index-rejected", L.pair_index_rejected(), "--table-out", L.pairs(),
                   "--rejected-out", L.pairs_rejected()]),
     ]  # fmt: skip

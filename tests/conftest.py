@@ -1,9 +1,8 @@
-"""Shared fixtures: the sample dataset (built once), real photos from ../shared/faces, and a
-helper that runs the whole data half in-process on a folder."""
+"""Shared fixtures: the tiny models and the sample dataset (built once), real photos from
+../shared/faces, the data half run on the sample. Helpers live in helpers.py."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,7 @@ from PIL import Image
 
 from facelora.config import Params
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_FACES = Path(os.environ.get("FACELORA_SHARED_FACES", ROOT.parent / "shared" / "faces"))
+from helpers import SHARED_FACES, run_data_half
 
 
 @pytest.fixture(scope="session")
@@ -51,101 +49,6 @@ def astronaut_portrait(sample_raw) -> np.ndarray:
 @pytest.fixture
 def params() -> Params:
     return Params()
-
-
-def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> Path:
-    """detect -> crop -> pair index -> pairs -> captions -> split -> phases, in-process."""
-    from facelora.prepare.captions import caption_pairs
-    from facelora.prepare.faces.crop import crop_shard, gather_crops
-    from facelora.prepare.faces.detect import DetectOutputs, detect_shard, gather_detections
-    from facelora.prepare.pairs.index import build_index, write_index
-    from facelora.prepare.pairs.score import gather_pairs, score_shard
-    from facelora.prepare.phases import run_select
-    from facelora.prepare.split import run_split
-    from facelora.registry.layout import Layout
-
-    faces_dir, crops_dir, pairs_dir = results / "faces", results / "crops", results / "pairs"
-    shard_tables = []
-    for i in range(shards):
-        f, im = (
-            results / "shards" / f"{i}.faces.parquet",
-            results / "shards" / f"{i}.images.parquet",
-        )
-        detect_shard(raw, f, im, params, (i, shards))
-        shard_tables.append((f, im))
-    gather_detections(shard_tables, DetectOutputs.beside(faces_dir / "faces.parquet"))
-    crop_tables = []
-    for i in range(shards):
-        out = results / "shards" / f"{i}.crops.parquet"
-        crop_shard(
-            raw,
-            faces_dir / "faces.parquet",
-            faces_dir / "images.parquet",
-            crops_dir,
-            out,
-            params,
-            (i, shards),
-        )
-        crop_tables.append(out)
-    layout = Layout(str(results))
-    gather_crops(crop_tables, crops_dir, layout.crops(), layout.crops_rejected())
-    index, rejected = build_index(
-        raw,
-        faces_dir / "images.parquet",
-        faces_dir / "faces.parquet",
-        crops_dir / "crops.parquet",
-        params,
-    )
-    write_index(index, rejected, layout.pair_index(), layout.pair_index_rejected())
-    pair_tables = []
-    for i in range(shards):
-        out = results / "shards" / f"{i}.pairs.parquet"
-        score_shard(
-            pairs_dir / "index.parquet",
-            raw,
-            faces_dir / "faces.parquet",
-            crops_dir / "crops.parquet",
-            faces_dir / "images.parquet",
-            pairs_dir,
-            out,
-            params,
-            (i, shards),
-        )
-        pair_tables.append(out)
-    gather_pairs(
-        pair_tables,
-        layout.pair_index_rejected(),
-        pairs_dir,
-        params,
-        layout.pairs(),
-        layout.pairs_rejected(),
-    )
-    caption_pairs(
-        layout.pairs(),
-        pairs_dir,
-        params,
-        layout.captions(),
-        layout.captions_lint(),
-        layout.captions_rejected(),
-    )
-    run_split(
-        pairs_dir / "pairs.parquet",
-        results / "captions" / "captions.parquet",
-        faces_dir / "faces.parquet",
-        results / "split" / "split.parquet",
-        results / "validation",
-        params,
-    )
-    for phase in params.phase_names:
-        run_select(
-            phase,
-            pairs_dir / "pairs.parquet",
-            results / "captions" / "captions.parquet",
-            results / "split" / "split.parquet",
-            results / "phases" / phase,
-            params,
-        )
-    return results
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """The house drawn from the imports: each stage is one package, and arrows point only down.
 
 Floors, from the ground up: the user-facing errors, the vocabularies (registry), the
-settings schema (config), files and tables (io), the data half and the shared model layer (prepare, models: side by
-side, neither imports the other), training, evaluation, release, and the workflow (the CLI
-and the Snakemake glue) on top. A module may import its own package and the floors below.
+settings schema (config), files and tables (io), the data half and the shared model layer
+(prepare, models: side by side, neither imports the other), training, evaluation, release,
+and the workflow (the CLI and the Snakemake glue) on top. A module may import its own
+package and the floors below.
 """
 
 from __future__ import annotations

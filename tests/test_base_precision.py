@@ -9,7 +9,6 @@ import diffusers
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import FAMILIES, settings, write_pairs
 from torch import nn
 
 from facelora.models.adapters import load_adapter
@@ -25,6 +24,8 @@ from facelora.models.plan import GIB, plan
 from facelora.registry.families import FAMILIES as FAMILY_RECORDS
 from facelora.train.checkpoint import list_checkpoints
 from facelora.train.loop import Trainer
+
+from helpers import FAMILIES, settings, write_pairs
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

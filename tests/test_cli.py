@@ -1,12 +1,11 @@
 """The facelora command: standalone use and errors a user can act on (no tracebacks)."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 
-BIN = Path(sys.executable).parent
+from helpers import BIN
 
 
 def facelora(*args, cwd):

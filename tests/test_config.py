@@ -1,12 +1,10 @@
-from pathlib import Path
-
 import pytest
 import yaml
 
 from facelora.config import Params, ParamsError, load_params, validate_params
 from facelora.workflow.rules import load_workflow_params
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def _flat(data, prefix=""):

@@ -18,12 +18,13 @@ from facelora.release.final import build_final
 from facelora.train.checkpoint import list_checkpoints
 from facelora.train.loop import train_phase
 
+from helpers import write_phase_folder
+
 
 def portrait_pairs(folder: Path, portrait: np.ndarray, n: int = 2) -> Path:
     """Validation pairs cut around the sample portrait's face (256 px: dlib finds it)."""
-    folder.mkdir(parents=True)
     h, w = portrait.shape[:2]
-    rows = []
+    pairs = []
     for i in range(n):
         x0 = w // 4 + 40 * i
         crop = Image.fromarray(portrait[h // 8 : h // 8 + w // 2, x0 : x0 + w // 2]).resize(
@@ -31,20 +32,8 @@ def portrait_pairs(folder: Path, portrait: np.ndarray, n: int = 2) -> Path:
         )
         end = np.asarray(crop).copy()
         end[100:140, 100:140] = (250, 240, 40)
-        pid = f"v{i:012d}"
-        crop.save(folder / f"{pid}_start.png")
-        Image.fromarray(end).save(folder / f"{pid}_end.png")
-        rows.append(
-            {
-                "pair_id": pid,
-                "start": f"{pid}_start.png",
-                "end": f"{pid}_end.png",
-                "references": [],
-                "caption": "EDITFACE paint a yellow square",
-            }
-        )
-    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+        pairs.append((crop, end))
+    return write_phase_folder(folder, pairs, prefix="v")
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import subprocess
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import BIN, write_pairs
 
 from facelora.config import ParamsError, validate_params
 from facelora.train.checkpoint import list_checkpoints
+
+from helpers import BIN, write_pairs
 
 WEIGHTS = ("pytorch_lora_weights.safetensors", "ema/pytorch_lora_weights.safetensors")
 

@@ -7,7 +7,7 @@ import pytest
 from facelora.config import validate_params
 from facelora.prepare.pairs.identity import cluster_identities, identity_pairs
 
-from conftest import run_data_half
+from helpers import run_data_half
 
 
 def _people(n_people=4, photos=3, seed=0, noise=0.15):

@@ -30,7 +30,6 @@ transformer call equals the pipeline's own at inference (same latents, sigma, co
 """
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +43,8 @@ from facelora.models.inference import apply_lora, generate, load_pipeline, remov
 from facelora.models.tiny import make_tiny_model
 from facelora.train.checkpoint import list_checkpoints
 from facelora.train.loop import Trainer
+
+from helpers import paint_square, smooth_image, write_phase_folder
 
 SIZE = 64
 CAPTION = "EDITFACE paint a yellow square"
@@ -71,34 +72,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def smooth_image(rng: np.random.Generator) -> np.ndarray:
-    cells = rng.integers(30, 200, (4, 4, 3)).astype(np.uint8)
-    return np.asarray(Image.fromarray(cells).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
-
-
-def paint_square(start: np.ndarray) -> np.ndarray:
-    end = start.copy()
-    end[SIZE // 4 : SIZE // 2, SIZE // 4 : SIZE // 2] = (250, 240, 40)
-    return end
-
-
 def write_edit_pairs(folder: Path, n: int, seed: int) -> list[tuple[Image.Image, Image.Image]]:
     """A phase folder of n pairs (smooth random start, the same square painted on), plus one
     held-out pair made the same way but left out of the manifest (returned last)."""
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    pairs, rows = [], []
-    for i in range(n + 1):
-        start = smooth_image(rng)
-        pairs.append((Image.fromarray(start), Image.fromarray(paint_square(start))))
-        if i == n:
-            break
-        pid = f"p{i:012d}"
-        pairs[-1][0].save(folder / f"{pid}_start.png")
-        pairs[-1][1].save(folder / f"{pid}_end.png")
-        rows.append({"pair_id": pid, "start": f"{pid}_start.png", "end": f"{pid}_end.png",
-                     "references": [], "caption": CAPTION})  # fmt: skip
-    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    starts = [smooth_image(rng, SIZE, cells=4, low=30) for _ in range(n + 1)]
+    pairs = [(Image.fromarray(start), Image.fromarray(paint_square(start))) for start in starts]
+    write_phase_folder(folder, pairs[:n], CAPTION)
     return pairs
 
 

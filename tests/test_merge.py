@@ -10,7 +10,6 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel, QwenImageEditPlusPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train import write_pairs
 
 from facelora.config import validate_params
 from facelora.io.safetensors_io import write
@@ -21,6 +20,8 @@ from facelora.models.tiny import make_tiny_model
 from facelora.release import merge
 from facelora.train.checkpoint import list_checkpoints
 from facelora.train.loop import Trainer
+
+from helpers import write_pairs
 
 FAMILY = "qwen_image_edit"
 CPU = torch.device("cpu")

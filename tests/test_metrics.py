@@ -37,6 +37,8 @@ from facelora.evaluate.metrics import (
 from facelora.prepare.pairs.quality import face_mask
 from facelora.registry.scores import METRIC_NAMES
 
+from helpers import face_image, make_pack
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DLIB_SAME_PERSON = 0.92
@@ -147,8 +149,6 @@ def test_identical_images(identity, background, astronaut):
 
 
 def test_identity_backend_choice(tmp_path, no_network, astronaut):
-    from test_face_backends import face_image, make_pack  # tiny InsightFace-format models
-
     from facelora.config import InsightfaceParams
 
     missing = FacesParams(insightface=InsightfaceParams(root=str(tmp_path / "none")))

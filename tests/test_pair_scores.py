@@ -12,7 +12,7 @@ from facelora.prepare.faces.align import face_frame
 from facelora.prepare.faces.backends import make_backend
 from facelora.prepare.sample_data import warmer_skin
 
-from conftest import run_data_half
+from helpers import run_data_half
 
 
 def _save(path, rgb):

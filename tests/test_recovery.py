@@ -4,16 +4,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import make_project
+
+from helpers import BIN, make_project
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 
 
 def facelora_snakemake(project: Path, **kw) -> subprocess.Popen:

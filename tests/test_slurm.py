@@ -9,15 +9,14 @@ itself (`scontrol show job`, which keeps finished jobs for the cluster's MinJobA
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import make_project
+
+from helpers import BIN, make_project
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-BIN = Path(sys.executable).parent
 
 DATA_RULES = {"detect", "gather_faces", "crop", "gather_crops", "pair_index", "pair"}
 DATA_RULES |= {"gather_pairs", "caption", "split", "select_phase", "summary", "make_tiny_model"}

@@ -5,9 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,53 +22,7 @@ from facelora.train.loop import Trainer, TrainingDiverged, train_phase
 from facelora.train.optim import lr_lambda
 from facelora.train.sampling import noisy_latents, sample_sigmas
 
-FAMILIES = ["qwen_image_edit", "flux2_klein"]
-BIN = Path(sys.executable).parent
-
-
-def write_pairs(folder: Path, n: int = 4, size: int = 64, seed: int = 0) -> Path:
-    """A phase folder: smooth random starts; ends with a bright square painted on."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    rows = []
-    for i in range(n):
-        base = rng.integers(40, 200, (8, 8, 3)).astype(np.uint8)
-        start = np.asarray(Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC))
-        end = start.copy()
-        end[size // 4 : size // 2, size // 4 : size // 2] = (250, 240, 40)
-        pid = f"p{i:012d}"
-        Image.fromarray(start).save(folder / f"{pid}_start.png")
-        Image.fromarray(end).save(folder / f"{pid}_end.png")
-        caption = "EDITFACE paint a yellow square"
-        (folder / f"{pid}.txt").write_text(caption + "\n")
-        rows.append(
-            {
-                "pair_id": pid,
-                "start": f"{pid}_start.png",
-                "end": f"{pid}_end.png",
-                "references": [],
-                "caption": caption,
-            }
-        )
-    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
-
-
-def settings(family: str, model: Path, steps: int = 6, **train):
-    return validate_params(
-        {
-            "seed": 3,
-            "lr": 1e-3,
-            "model": {"family": family, "path": str(model)},
-            "lora": {"rank": 4, "preset": "full" if family == "qwen_image_edit" else "all_blocks"},
-            "train": {"resolution": 64, "save_every": 3, **train},
-            "phases": [
-                {"name": "one", "steps": steps},
-                {"name": "two", "steps": 3, "init_from": "last"},
-            ],
-        }
-    )
-
+from helpers import BIN, FAMILIES, settings, write_pairs
 
 # --- conventions --------------------------------------------------------------------------
 

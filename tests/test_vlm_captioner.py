@@ -1,6 +1,6 @@
 """The VLM captioner through the real transformers classes, with a tiny offline Qwen2.5-VL.
 
-The model (tests/tiny_vlm.py) has random weights, so its answers are gibberish: these tests
+The model (tests/helpers.py) has random weights, so its answers are gibberish: these tests
 prove the plumbing (folder -> AutoProcessor/AutoModelForImageTextToText -> chat template ->
 both crops -> greedy generate -> cleaned instruction -> captions.parquet), not the quality.
 """
@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from tiny_vlm import IMAGE_TOKENS, LAYOUTS, build_tiny_qwen2_5_vl
 
 from facelora.config import VlmParams, validate_params
 from facelora.errors import ModelFileMissing
@@ -24,6 +23,8 @@ from facelora.io.tables import read_rows
 from facelora.prepare.captions import caption_pairs
 from facelora.prepare.pairs.score import PAIRS
 from facelora.prepare.vlm import VlmCaptioner
+
+from helpers import IMAGE_TOKENS, LAYOUTS, build_tiny_qwen2_5_vl
 
 PAIR = {"pair_id": "p1", "start_crop": "images/p1_start.png", "end_crop": "images/p1_end.png"}
 

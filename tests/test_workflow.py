@@ -7,21 +7,17 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from facelora.config import validate_params
 
-from conftest import ROOT, run_data_half
+from helpers import BIN, ROOT, make_project, run_data_half
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 OUTPUTS = ["faces", "crops", "pairs", "captions", "split", "validation", "phases", "summary"]
 TRAINED = [
     "train/broad/checkpoints",
@@ -36,50 +32,6 @@ def run(cmd, cwd, check=True, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-# the demo's settings with short training phases, so the whole workflow runs in a test
-SHORT_PHASES = [
-    {"name": "broad", "after": "base", "steps": 8, "init_from": "none"},
-    {
-        "name": "skin_match",
-        "after": "broad",
-        "steps": 6,
-        "init_from": "best",
-        "filters": {"skin_delta_e": {"max": 8.0}},
-        "top": {"by": "skin_delta_e", "fraction": 0.5},
-    },
-    {
-        "name": "best_quality",
-        "after": "skin_match",
-        "steps": 4,
-        "init_from": "best",
-        "top": {"by": "quality", "fraction": 0.25},
-    },
-]
-
-
-def make_project(dest: Path, raw: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in ["Snakefile", "dvc.yaml", "environment.yml"]:
-        shutil.copy(ROOT / name, dest / name)
-    settings = yaml.safe_load((ROOT / "params.yaml").read_text())
-    settings["phases"] = SHORT_PHASES
-    settings["lora"]["rank"] = 4
-    settings["train"]["save_every"] = 4
-    (dest / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-    shutil.copytree(ROOT / "rules", dest / "rules")
-    shutil.copytree(ROOT / "profiles", dest / "profiles")
-    (dest / "results").mkdir()
-    shutil.copy(ROOT / "results" / ".gitignore", dest / "results" / ".gitignore")
-    shutil.copytree(ROOT / "slurm", dest / "slurm")
-    shutil.copytree(
-        ROOT / "src" / "facelora",
-        dest / "src" / "facelora",
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    shutil.copytree(raw, dest / "data" / "raw")
-    return dest
 
 
 def tree(folder: Path) -> dict[str, bytes]:

@@ -6,8 +6,9 @@
     DIR/<pair_id>.txt          the caption
     DIR/manifest.jsonl         one JSON object per pair: files, caption, scores
 
-Files are hard links to the pair crops (no extra disk) where the filesystem allows. The folder
-is built beside the target and renamed into place, so it is complete or absent.
+Files are hard links to the pair crops (no extra disk) where the filesystem allows; pairs held
+in memory (synthetic data, tests, benchmarks) are saved as PNG instead (`write_kontext_images`).
+The folder is built beside the target and renamed into place, so it is complete or absent.
 """
 
 from __future__ import annotations
@@ -39,7 +40,36 @@ def write_kontext_dataset(
     extra_files: dict[str, str] | None = None,
 ) -> int:
     """Write pairs (rows of pairs.parquet joined with their caption) as a Kontext folder."""
-    dest, pairs_dir = Path(dest), Path(pairs_dir)
+    pairs_dir = Path(pairs_dir)
+
+    def link(crop: str, path: Path) -> None:
+        link_or_copy(pairs_dir / crop, path)
+
+    return _write_folder(dest, pairs, link, extra_files)
+
+
+def write_kontext_images(
+    dest: str | Path,
+    pairs: list[dict],
+    extra_files: dict[str, str] | None = None,
+) -> int:
+    """Write pairs held in memory as the same Kontext folder and manifest.
+
+    Each pair: pair_id, caption, start_crop and end_crop (PIL images or uint8 RGB arrays),
+    optionally reference_crops (a list of them), the provenance fields of pairs.parquet (layout,
+    source, start, end: where the crops came from; None by default) and its score columns."""
+    from PIL import Image
+
+    def save(image, path: Path) -> None:
+        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(path)
+
+    unknown = {"layout": None, "source": None, "start": None, "end": None}
+    return _write_folder(dest, [{**unknown, **pair} for pair in pairs], save, extra_files)
+
+
+def _write_folder(dest: str | Path, pairs: list[dict], put, extra_files) -> int:
+    """The layout and manifest both writers share; `put(crop, path)` writes one image file."""
+    dest = Path(dest)
     building = dest.with_name(f".{dest.name}.building")
     if building.exists():
         shutil.rmtree(building)
@@ -48,12 +78,12 @@ def write_kontext_dataset(
     for pair in sorted(pairs, key=lambda p: p["pair_id"]):
         stem = pair["pair_id"]
         files = {"start": f"{stem}_start.png", "end": f"{stem}_end.png"}
-        link_or_copy(pairs_dir / pair["start_crop"], building / files["start"])
-        link_or_copy(pairs_dir / pair["end_crop"], building / files["end"])
+        put(pair["start_crop"], building / files["start"])
+        put(pair["end_crop"], building / files["end"])
         refs = []
         for k, ref in enumerate(pair.get("reference_crops") or [], start=2):
             refs.append(f"{stem}_start{k}.png")
-            link_or_copy(pairs_dir / ref, building / refs[-1])
+            put(ref, building / refs[-1])
         write_text(building / f"{stem}.txt", pair["caption"] + "\n")
         lines.append(
             json.dumps(

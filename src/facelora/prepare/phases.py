@@ -75,7 +75,10 @@ def select_phase(pairs: pd.DataFrame, phase: PhaseParams) -> tuple[pd.DataFrame,
     return chosen, stats
 
 
-def run_select(name: str, pairs_path, captions_path, split_path, out_dir, params: Params) -> dict:
+def run_select(
+    name: str, pairs_path, captions_path, split_path, out_dir, params: Params, *, pairs_dir
+) -> dict:
+    """One phase's dataset folder (`out_dir`) from the pairs table (crops under `pairs_dir`)."""
     phase = params.phase(name)
     pairs = trainable_pairs(pairs_path, captions_path)
     split = read_table(split_path)
@@ -100,7 +103,7 @@ def run_select(name: str, pairs_path, captions_path, split_path, out_dir, params
     write_kontext_dataset(
         out_dir,
         frame_records(chosen),
-        Path(pairs_path).parent,
+        Path(pairs_dir),
         {"phase.json": json.dumps(info, indent=2, sort_keys=True) + "\n"},
     )
     return info

@@ -72,13 +72,15 @@ def assign_split(pairs: pd.DataFrame, faces_path: str | Path, params: Params) ->
 
 
 def run_split(
-    pairs_path, captions_path, faces_path, out_path, validation_dir, params: Params
+    pairs_path, captions_path, faces_path, out_path, validation_dir, params: Params, *, pairs_dir
 ) -> dict:
+    """The split table, and the validation pairs as a phase folder (their crops are under
+    `pairs_dir`, where the pairs table's paths point)."""
     pairs = trainable_pairs(pairs_path, captions_path)
     split = assign_split(pairs, faces_path, params)
     write_parquet(out_path, split)
     val = pairs.merge(split[split["split"] == "validation"][["pair_id"]], on="pair_id")
-    write_kontext_dataset(validation_dir, frame_records(val), Path(pairs_path).parent)
+    write_kontext_dataset(validation_dir, frame_records(val), Path(pairs_dir))
     return {
         "train": int((split["split"] == "train").sum()),
         "validation": len(val),

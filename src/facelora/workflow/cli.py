@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faces", type=Path, required=True)
     p.add_argument("--crops", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True, help="where the pair crops go")
+    p.add_argument("--crops-dir", type=Path, required=True, help="the face crops' folder")
     p.add_argument("--index-rejected", type=Path, help="without --shard: the index's rejects")
     p.add_argument("--table-out", type=Path, help="without --shard: the pairs table")
     p.add_argument("--rejected-out", type=Path, help="without --shard: the rejected pairs")
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=Path, required=True)
     p.add_argument("--captions", type=Path, required=True)
     p.add_argument("--faces", type=Path, required=True)
+    p.add_argument("--pairs-dir", type=Path, required=True, help="the pair crops' folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--validation-dir", type=Path, required=True)
 
@@ -122,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=Path, required=True)
     p.add_argument("--captions", type=Path, required=True)
     p.add_argument("--split", type=Path, required=True)
+    p.add_argument("--pairs-dir", type=Path, help="the pair crops' folder (required)")
     p.add_argument("--out-dir", type=Path, required=True)
 
     p = sub.add_parser("train", help="train one phase's LoRA (resumes from its last checkpoint)")
@@ -336,13 +339,15 @@ def cmd_pair(args, params) -> int:
     workers = args.workers or params.workflow.workers
     common = (args.index, args.raw, args.faces, args.crops, args.images, args.out_dir)
     if args.shard:
-        score_shard(*common, args.shard_out, params, _shard(args.shard), workers)
+        score_shard(
+            *common, args.shard_out, params, _shard(args.shard), workers, crops_dir=args.crops_dir
+        )
         return 0
     if not (args.index_rejected and args.table_out and args.rejected_out):
         raise UserError("without --shard, pair needs --index-rejected, --table-out, --rejected-out")
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp, "0.pairs.parquet")
-        score_shard(*common, shard, params, (0, 1), workers)
+        score_shard(*common, shard, params, (0, 1), workers, crops_dir=args.crops_dir)
         stats = gather_pairs(
             [shard], args.index_rejected, args.out_dir, params, args.table_out, args.rejected_out
         )
@@ -390,7 +395,15 @@ def cmd_caption(args, params) -> int:
 def cmd_split(args, params) -> int:
     from facelora.prepare.split import run_split
 
-    stats = run_split(args.pairs, args.captions, args.faces, args.out, args.validation_dir, params)
+    stats = run_split(
+        args.pairs,
+        args.captions,
+        args.faces,
+        args.out,
+        args.validation_dir,
+        params,
+        pairs_dir=args.pairs_dir,
+    )
     print(json.dumps(stats))
     return 0
 
@@ -398,7 +411,18 @@ def cmd_split(args, params) -> int:
 def cmd_select(args, params) -> int:
     from facelora.prepare.phases import run_select
 
-    info = run_select(args.phase, args.pairs, args.captions, args.split, args.out_dir, params)
+    params.phase(args.phase)  # an unknown phase fails first, with the list
+    if args.pairs_dir is None:
+        raise UserError("select needs --pairs-dir (the folder of the pair crops)")
+    info = run_select(
+        args.phase,
+        args.pairs,
+        args.captions,
+        args.split,
+        args.out_dir,
+        params,
+        pairs_dir=args.pairs_dir,
+    )
     print(json.dumps({k: info[k] for k in ("name", "candidates", "after_filters", "selected")}))
     return 0
 

@@ -417,11 +417,15 @@ def score_shard(
     params: Params,
     shard: tuple[int, int] = (0, 1),
     workers: int = 1,
+    *,
+    crops_dir: str | Path,
 ) -> int:
+    """Score this shard's candidates of the pair index; the face crops (`crops_dir`) are
+    where the crops table's paths point."""
     index = pq.read_table(index_path, schema=INDEX).to_pandas()
     index = index[index["pair_id"].map(lambda p: in_shard(p, shard))]
     faces, crops, images = _lookups(index, faces_path, crops_path, images_path)
-    crops_dir = Path(crops_path).parent
+    crops_dir = Path(crops_dir)
     scorer = PairScorer(Path(raw_dir), crops_dir, Path(pairs_dir), params, faces, crops, images)
     candidates = [
         {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
