@@ -13,7 +13,7 @@ import yaml
 
 from facelora.config import EVAL_METRICS, Params
 from facelora.io.atomic import write_json, write_text
-from facelora.models import lora_io
+from facelora.models import exports, lora_io
 
 
 def _file_digest(path: Path) -> str:
@@ -56,10 +56,12 @@ def build_final(params: Params, results: Path, out: Path) -> dict:
 
         merged = merge_loras([(source, 1.0)], family=params.model.family)
         merged, compression = compress(merged, params.final.merge_rank)
-        save_merged(merged, building, pipeline_class_for(params.model.family))
+        save_merged(
+            merged, building, pipeline_class_for(params.model.family), family=params.model.family
+        )
     else:
         shutil.copyfile(source, building / lora_io.DIFFUSERS_WEIGHTS)
-        lora_io.save_comfyui(building, tensors, alpha)
+        exports.save_comfyui(building, tensors, alpha, params.model.family)
     if params.final.fuse:  # deployment without peft: the transformer with the LoRA added
         from facelora.release.merge import fuse_and_save
 
