@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny models and the sample dataset (built once), real photos from
-../shared/faces, the data half run on the sample. Helpers live in helpers.py."""
+../shared/faces, the data half run on the sample; where ../shared/comfyui is. Helpers live in
+helpers.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from facelora.config import Params
 
-from helpers import SHARED_FACES, run_data_half
+from helpers import SHARED_COMFYUI, SHARED_FACES, run_data_half
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +29,42 @@ def shared_faces() -> Path:
     if not (SHARED_FACES / "same_person").is_dir():
         pytest.skip(f"real photos not found at {SHARED_FACES} (set FACELORA_SHARED_FACES)")
     return SHARED_FACES
+
+
+COMFYUI_ARCHIVE = "comfyui-fe25114.tar.xz"
+COMFYUI_NEEDS = ("einops", "torchsde", "trampoline", "comfy_aimdo")  # the `dev` extra has them
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory):
+    """ComfyUI's `comfy` package, imported from the archive in ../shared/comfyui, extracted
+    into a temporary folder (CPU only). Its modules stay imported for the session."""
+    import importlib
+    import sys
+    import tarfile
+
+    archive = SHARED_COMFYUI / COMFYUI_ARCHIVE
+    if not archive.is_file():
+        pytest.skip(f"ComfyUI source not found at {archive} (set FACELORA_SHARED_COMFYUI)")
+    for name in COMFYUI_NEEDS:
+        pytest.importorskip(name, reason=f"ComfyUI needs {name}: pip install -e '.[dev]'")
+    root = tmp_path_factory.mktemp("comfyui")
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+    source = root / "ComfyUI"
+    if not (source / "comfy" / "lora.py").is_file():
+        pytest.fail(f"{archive} holds no ComfyUI/comfy/lora.py")
+    sys.path.append(str(source))  # appended: its top-level modules shadow nothing installed
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+    used = ("model_management", "lora", "lora_convert", "model_patcher", "sd", "supported_models")
+    for module in (*used, "utils"):
+        importlib.import_module(f"comfy.{module}")
+    where = Path(comfy.lora.__file__).resolve()  # `comfy` is a namespace package: no __file__
+    if not where.is_relative_to(source.resolve()):
+        pytest.fail(f"imported another ComfyUI ({where}), not the one from {archive}")
+    return comfy
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,8 @@ from facelora.models.tiny import QWEN_SPECIAL_TOKENS, QWEN_VL_CHAT_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FACES = Path(os.environ.get("FACELORA_SHARED_FACES", ROOT.parent / "shared" / "faces"))
+# ComfyUI's source tree (an archive), for tests that load LoRA files with ComfyUI's own code.
+SHARED_COMFYUI = Path(os.environ.get("FACELORA_SHARED_COMFYUI", ROOT.parent / "shared" / "comfyui"))
 BIN = Path(sys.executable).parent
 FAMILIES = ["qwen_image_edit", "flux2_klein"]
 CAPTION = "EDITFACE paint a yellow square"

@@ -77,7 +77,7 @@ def loras(tmp_path_factory, transformer):
     )
     two = random_state(transformer, FAMILY, "image_stream", rank=2, seed=2)
     (root / "two").mkdir()
-    lora_io.save_comfyui(root / "two", two, alpha=1.0)
+    lora_io.save_comfyui(root / "two", two, alpha=1.0, family=FAMILY)
     custom = ["transformer_blocks.0.img_mod.1", "transformer_blocks.1.attn.to_q"]
     three = random_state(transformer, FAMILY, custom, rank=3, seed=3)
     (root / "three").mkdir()

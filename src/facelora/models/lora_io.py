@@ -4,8 +4,11 @@ Files:
 - diffusers layout (`pytorch_lora_weights.safetensors`): keys `transformer.<module>.lora_A.weight`
   / `.lora_B.weight`, the adapter config (rank, alpha, targets) in the header, written by the
   pipeline class's own `save_lora_weights`, so `pipe.load_lora_weights(...)` reads it back.
-- ComfyUI layout (`lora_comfyui.safetensors`): keys `diffusion_model.<module>.lora_A.weight`
-  / `.lora_B.weight` plus `diffusion_model.<module>.alpha`, the same numbers.
+- ComfyUI layout (`lora_comfyui.safetensors`): the same tensors under the family's ComfyUI key
+  layout (`diffusion_model.<module>` for Qwen-Image, `transformer.<module>` for FLUX.2 Klein)
+  plus one `<module>.alpha` per module, which is where ComfyUI takes the strength from; written
+  by facelora.models.exports (see there why each family has its layout, and why the diffusers
+  file has no `.alpha` tensors).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from safetensors.torch import load_file
 from facelora.config import LoraParams
 from facelora.errors import MissingInput, SettingsError
 from facelora.io import safetensors_io
+from facelora.models.exports import COMFYUI_WEIGHTS as COMFYUI_WEIGHTS
+from facelora.models.exports import from_comfyui
+from facelora.models.exports import save_comfyui as save_comfyui
 from facelora.models.lora_targets import target_modules_for
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
-COMFYUI_WEIGHTS = "lora_comfyui.safetensors"
 DIFFUSERS_PREFIX = "transformer."
-COMFYUI_PREFIX = "diffusion_model."
 
 
 class LoraMismatch(SettingsError):
@@ -118,37 +122,6 @@ def save_diffusers(
     return folder / DIFFUSERS_WEIGHTS
 
 
-def to_comfyui(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """Module-keyed LoRA tensors -> ComfyUI keys, with one alpha per module."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        out[COMFYUI_PREFIX + key] = value
-        if key.endswith(".lora_A.weight"):
-            module = key[: -len(".lora_A.weight")]
-            out[f"{COMFYUI_PREFIX}{module}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
-def from_comfyui(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float | None]:
-    """ComfyUI keys -> module-keyed LoRA tensors, and the alpha (None when absent)."""
-    tensors, alphas = {}, set()
-    for key, value in state.items():
-        name = key[len(COMFYUI_PREFIX) :] if key.startswith(COMFYUI_PREFIX) else key
-        if name.endswith(".alpha"):
-            alphas.add(float(value))
-        else:
-            tensors[name] = value
-    if len(alphas) > 1:
-        raise LoraMismatch("this ComfyUI LoRA has different alphas per module: not supported")
-    return tensors, (alphas.pop() if alphas else None)
-
-
-def save_comfyui(folder: Path, state: dict[str, torch.Tensor], alpha: float) -> Path:
-    path = folder / COMFYUI_WEIGHTS
-    safetensors_io.write(path, to_comfyui(state, alpha), metadata={"format": "pt"})
-    return path
-
-
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A LoRA file of either layout -> (module-keyed tensors, adapter metadata or {})."""
     path = Path(path)
@@ -161,15 +134,11 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if "lora_adapter_metadata" in header:  # what diffusers' save_lora_weights writes
         stored = json.loads(header["lora_adapter_metadata"])
         meta = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in stored.items()}
-    if any(k.startswith(COMFYUI_PREFIX) for k in raw):
-        tensors, alpha = from_comfyui(raw)
-        if alpha is not None:
-            meta.setdefault("lora_alpha", alpha)
-        return tensors, meta
-    tensors = {
-        k[len(DIFFUSERS_PREFIX) :] if k.startswith(DIFFUSERS_PREFIX) else k: v
-        for k, v in raw.items()
-    }
+    tensors, alphas = from_comfyui(raw)  # either layout; ComfyUI's alphas when it has them
+    if len(set(alphas.values())) > 1:
+        raise LoraMismatch(f"{path}: different alphas per module (a merged file?): not supported")
+    if alphas:
+        meta.setdefault("lora_alpha", next(iter(alphas.values())))
     return tensors, meta
 
 

@@ -61,7 +61,8 @@ class Family:
     # classifier-free guidance: "true_cfg" (a negative prompt, two calls per step) or
     # "guidance_scale" (the pipeline's own guidance against its empty prompt)
     guidance: str = "guidance_scale"
-    # the key layout of lora_comfyui.safetensors (facelora.models.exports)
+    # the key layout of lora_comfyui.safetensors that ComfyUI maps onto this family's weights
+    # (a name in facelora.models.exports.LAYOUTS; tests/test_comfyui_export.py checks it)
     comfyui_layout: str = "diffusion_model"
 
 
@@ -141,7 +142,8 @@ FLUX2_KLEIN = Family(
     text_encoder_out_layers=(9, 18, 27),  # the pipeline's default
     max_text_tokens=512,  # the pipeline's default max_sequence_length
     guidance="guidance_scale",
-    comfyui_layout="diffusion_model",
+    # ComfyUI's FLUX.2 has BFL names; it maps `transformer.<diffusers module>` onto them
+    comfyui_layout="transformer",
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN_IMAGE_EDIT, FLUX2_KLEIN)}

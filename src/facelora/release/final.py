@@ -14,7 +14,8 @@ import yaml
 from facelora.config import Params
 from facelora.io.atomic import write_json, write_text
 from facelora.io.datasets import MANIFEST
-from facelora.models import lora_io
+from facelora.models import exports, lora_io
+from facelora.registry.families import family as get_family
 from facelora.registry.layout import Layout
 from facelora.registry.scores import EVAL_METRICS
 
@@ -62,10 +63,12 @@ def build_final(params: Params, results: Path, out: Path) -> dict:
 
         merged = merge_loras([(source, 1.0)], family=params.model.family)
         merged, compression = compress(merged, params.final.merge_rank)
-        save_merged(merged, building, pipeline_class_for(params.model.family))
+        save_merged(
+            merged, building, pipeline_class_for(params.model.family), family=params.model.family
+        )
     else:
         shutil.copyfile(source, building / lora_io.DIFFUSERS_WEIGHTS)
-        lora_io.save_comfyui(building, tensors, alpha)
+        exports.save_comfyui(building, tensors, alpha, params.model.family)
     if params.final.fuse:  # deployment without peft: the transformer with the LoRA added
         from facelora.release.merge import fuse_and_save
 
@@ -115,6 +118,33 @@ def build_final(params: Params, results: Path, out: Path) -> dict:
     return info
 
 
+def files_section(family: str, fused: bool) -> list[str]:
+    """The card's list of files: which loader each one is for."""
+    pipeline = get_family(family).pipeline_class
+    layout = exports.comfyui_layout(family)
+    lines = [
+        "## Files: which one goes where",
+        "",
+        f"- `{lora_io.DIFFUSERS_WEIGHTS}`: for diffusers. Load the base model with "
+        f'`{pipeline}.from_pretrained(...)`, then `pipe.load_lora_weights("<this folder>", '
+        f'weight_name="{lora_io.DIFFUSERS_WEIGHTS}")`. The strength (alpha / rank) is in its '
+        "header; it has no `.alpha` tensors (diffusers' loader refuses them). Not for ComfyUI: "
+        "it would load there at scale 1 instead of alpha / rank.",
+        f"- `{exports.COMFYUI_WEIGHTS}`: for ComfyUI. Copy it into `ComfyUI/models/loras/` and "
+        "apply it to the base model with a LoRA loader node (`Load LoRA`, LoraLoaderModelOnly; "
+        "or `Load LoRA (Model and CLIP)`, LoraLoader); `strength_model` 1.0 is the strength it "
+        "was trained at (each module's `.alpha` tensor gives alpha / rank). Keys: "
+        f"`{layout.prefix}<module>`, the layout ComfyUI maps onto this family's weights. Not "
+        "for `load_lora_weights`.",
+    ]
+    if fused:
+        lines.append(
+            "- `transformer_fused/`: the transformer with the LoRA added into its weights, "
+            "for deployment without peft (a diffusers model folder)."
+        )
+    return lines
+
+
 def model_card(info: dict, params: Params) -> str:
     settings = yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
     lines = [
@@ -125,13 +155,7 @@ def model_card(info: dict, params: Params) -> str:
         f"Trigger word: `{params.captions.trigger}`; LoRA rank {info['lora']['rank']}, "
         f"alpha {info['lora']['alpha']}, preset {info['lora']['preset']}.",
         "",
-        "Files: `pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights(...)`), "
-        "`lora_comfyui.safetensors` (ComfyUI)"
-        + (
-            ", `transformer_fused/` (the LoRA fused into the transformer)."
-            if params.final.fuse
-            else "."
-        ),
+        *files_section(info["base_model"]["family"], params.final.fuse),
         "",
         "## Validation metrics of this checkpoint (base model without LoRA in brackets)",
         "",

@@ -11,7 +11,7 @@ peft (and so `pipe.load_lora_weights`) uses one r / lora_alpha for the whole ada
 `rank_pattern` / `alpha_pattern` say otherwise; merged modules have different total ranks, so
 the saved config lists every module in both patterns (keys `^<module>`, as diffusers writes
 them), each with alpha = rank: scale 1 everywhere. The ComfyUI file carries the same numbers
-as one `.alpha` per module.
+as one `.alpha` per module, in the family's ComfyUI key layout (facelora.models.exports).
 
 Inputs are refused when they were made for different base models: a module with different
 in/out features, a different hidden size, module names of another family, or a different
@@ -36,15 +36,10 @@ from safetensors.torch import load_file
 from facelora.errors import MissingInput, SettingsError
 from facelora.io import safetensors_io
 from facelora.io.atomic import write_json
-from facelora.models.lora_io import (
-    COMFYUI_PREFIX,
-    COMFYUI_WEIGHTS,
-    DIFFUSERS_PREFIX,
-    DIFFUSERS_WEIGHTS,
-    LoraMismatch,
-)
+from facelora.models.exports import COMFYUI_WEIGHTS, from_comfyui, is_comfyui, save_comfyui
+from facelora.models.lora_io import DIFFUSERS_PREFIX, DIFFUSERS_WEIGHTS, LoraMismatch
 from facelora.models.lora_targets import model_family
-from facelora.registry.families import FAMILIES, FAMILY_NAMES
+from facelora.registry.families import FAMILIES, FAMILY_NAMES, family_of_class
 
 REPORT_NAME = "merge_report.json"
 FAMILY_KEY = "facelora_family"  # header entry of merged files: the base model's family
@@ -154,23 +149,15 @@ def read_input(path: str | Path) -> LoraInput:
     if any(p.startswith("text_encoder") for p in prefixes):
         raise LoraMismatch(f"{path}: holds text-encoder tensors; merge takes transformer LoRAs")
     layout = (
-        "comfyui"
-        if COMFYUI_PREFIX in prefixes
-        else "diffusers"
-        if DIFFUSERS_PREFIX in prefixes
-        else "bare"
+        "comfyui" if is_comfyui(raw) else "diffusers" if DIFFUSERS_PREFIX in prefixes else "bare"
     )
     parts: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
-    alphas: dict[str, float] = {}
-    for key, value in raw.items():
-        name = key.removeprefix(COMFYUI_PREFIX).removeprefix(DIFFUSERS_PREFIX)
-        if name.endswith(".alpha"):
-            alphas[name[: -len(".alpha")]] = float(value)
-            continue
+    tensors, alphas = from_comfyui(raw)  # any layout; the per-module `.alpha` values
+    for name, value in tensors.items():
         m = _TENSOR_KEY.match(name)
         if m is None:
             raise LoraMismatch(
-                f"{path}: {key} is not a LoRA A/B matrix (a LoRA bias, DoRA magnitude or "
+                f"{path}: {name} is not a LoRA A/B matrix (a LoRA bias, DoRA magnitude or "
                 f"another adapter type?): cannot merge it exactly"
             )
         kind = "A" if m["kind"] in ("lora_A", "lora_down") else "B"
@@ -447,10 +434,24 @@ def merge_report(merged: MergedLora) -> dict:
     return report
 
 
-def save_merged(merged: MergedLora, folder: str | Path, pipeline_class=None) -> dict[str, Path]:
+def _family_of_pipeline(pipeline_class) -> str | None:
+    found = family_of_class(getattr(pipeline_class, "__name__", None))
+    return found.name if found else None
+
+
+def save_merged(
+    merged: MergedLora, folder: str | Path, pipeline_class=None, family: str | None = None
+) -> dict[str, Path]:
     """Write the diffusers file (`pipe.load_lora_weights` reads it), the ComfyUI file and the
-    report; the weight files are byte-reproducible."""
+    report; the weight files are byte-reproducible. The ComfyUI file's key layout is the
+    family's: `family`, else the merged LoRA's, else the pipeline class's."""
     folder = Path(folder)
+    family = family or merged.family or _family_of_pipeline(pipeline_class)
+    if family is None:
+        raise ValueError(
+            "the merged LoRA's model family is unknown (its modules fit several): pass family= "
+            "(the ComfyUI file's key layout depends on it)"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     prefix = getattr(pipeline_class, "transformer_name", None) or DIFFUSERS_PREFIX.rstrip(".")
     state = merged.state()
@@ -460,12 +461,9 @@ def save_merged(merged: MergedLora, folder: str | Path, pipeline_class=None) -> 
         header[FAMILY_KEY] = merged.family
     diffusers_path = folder / DIFFUSERS_WEIGHTS
     safetensors_io.write(diffusers_path, {f"{prefix}.{k}": v for k, v in state.items()}, header)
-    comfy = {COMFYUI_PREFIX + k: v for k, v in state.items()}
-    for name, r in merged.ranks().items():
-        comfy[f"{COMFYUI_PREFIX}{name}.alpha"] = torch.tensor(float(r))
-    comfy_header = {"format": "pt", **({FAMILY_KEY: merged.family} if merged.family else {})}
-    comfy_path = folder / COMFYUI_WEIGHTS
-    safetensors_io.write(comfy_path, comfy, comfy_header)
+    alphas = {name: float(r) for name, r in merged.ranks().items()}  # alpha = rank: scale 1
+    comfy_header = {FAMILY_KEY: merged.family} if merged.family else {}
+    comfy_path = save_comfyui(folder, state, alphas, family, metadata=comfy_header)
     report_path = folder / REPORT_NAME
     write_json(report_path, merge_report(merged))
     return {"diffusers": diffusers_path, "comfyui": comfy_path, "report": report_path}

@@ -2,7 +2,7 @@
 
     OUT/checkpoints/step-000250/
         pytorch_lora_weights.safetensors   diffusers layout (pipe.load_lora_weights)
-        lora_comfyui.safetensors           ComfyUI layout
+        lora_comfyui.safetensors           ComfyUI layout (LoraLoader; the family's key layout)
         ema/pytorch_lora_weights.safetensors  (with train.ema_decay)
         text_encoder_lora.safetensors      (with lora.train_text_encoder)
         state.pt                           optimizer, schedule, RNG states, data position, EMA,
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from facelora.models import lora_io
+from facelora.models import exports, lora_io
 from facelora.registry.layout import CHECKPOINTS, checkpoint_name
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -59,14 +59,17 @@ def save(
     meta: dict,
     ema_tensors: dict[str, torch.Tensor] | None = None,
     text_encoder_tensors: dict[str, torch.Tensor] | None = None,
+    *,
+    family: str,
 ) -> Path:
+    """Write checkpoint `step`; `family` (params.model.family) decides the ComfyUI file's keys."""
     final = checkpoint_dir(out, step)
     building = final.with_name(f".{final.name}.building")
     if building.exists():
         shutil.rmtree(building)
     building.mkdir(parents=True)
     lora_io.save_diffusers(building, pipeline_class, lora_tensors, metadata)
-    lora_io.save_comfyui(building, lora_tensors, alpha)
+    exports.save_comfyui(building, lora_tensors, alpha, family)
     if text_encoder_tensors is not None:
         lora_io.save_text_encoder(building, text_encoder_tensors, alpha)
     if ema_tensors is not None:

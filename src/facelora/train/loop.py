@@ -296,6 +296,7 @@ class Trainer:
             meta,
             self._lora_tensors(ema) if ema is not None else None,
             lora_io.module_lora_state(self.text_encoder) if self.text_encoder is not None else None,
+            family=self.params.model.family,
         )
         checkpoint.prune_states(self.out, self.params.train.keep_states)
         if self.world > 1:
