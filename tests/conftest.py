@@ -18,10 +18,11 @@ from helpers import SHARED_COMFYUI, SHARED_FACES, run_data_half
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Both tiny edit models (seed 0), built once for the session: treat them as read-only."""
-    from facelora.models.tiny import FAMILIES, make_tiny_model
+    from facelora.models.tiny import make_tiny_model
+    from facelora.registry.families import FAMILY_NAMES
 
     root = tmp_path_factory.mktemp("tiny-models")
-    return {family: make_tiny_model(family, root / family) for family in FAMILIES}
+    return {family: make_tiny_model(family, root / family) for family in FAMILY_NAMES}
 
 
 @pytest.fixture(scope="session")

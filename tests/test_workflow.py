@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from facelora.config import validate_params
+from facelora.registry.layout import Layout
 
 from helpers import BIN, ROOT, make_project, run_data_half
 
@@ -58,38 +59,38 @@ def snakemake_project(tmp_path_factory, sample_raw):
 
 
 def test_snakemake_runs_the_data_half(snakemake_project):
-    results = snakemake_project / "results"
-    for name in [
-        "faces/faces.parquet",
-        "faces/rejected.csv",
-        "crops/crops.parquet",
-        "pairs/pairs.parquet",
-        "captions/captions.parquet",
-        "split/split.parquet",
-        "summary/summary.json",
-        "summary/funnel.png",
-        "summary/scores.png",
+    L = Layout(str(snakemake_project / "results"))
+    for path in [
+        L.faces(),
+        L.faces_rejected(),
+        L.crops(),
+        L.pairs(),
+        L.captions(),
+        L.split(),
+        L.summary(),
+        L.funnel_plot(),
+        L.scores_plot(),
     ]:
-        assert (results / name).is_file(), name
+        assert Path(path).is_file(), path
     for phase in ("broad", "skin_match", "best_quality"):
-        assert (results / "phases" / phase / "manifest.jsonl").is_file()
-        summary = json.loads((results / "train" / phase / "train.json").read_text())
+        assert (Path(L.phase_dir(phase)) / "manifest.jsonl").is_file()
+        summary = json.loads(Path(L.train_summary(phase)).read_text())
         steps = {"broad": 8, "skin_match": 6, "best_quality": 4}[phase]
         assert summary["steps"] == steps and summary["checkpoints"]
-        assert (results / "train" / phase / "loss.png").is_file()
+        assert Path(L.loss_plot(phase)).is_file()
     # each checkpoint was judged, the best chosen, and the next phase started from it
-    broad_best = json.loads((results / "eval" / "phases" / "broad" / "best.json").read_text())
-    summary = json.loads((results / "eval" / "summary.json").read_text())
+    broad_best = json.loads(Path(L.best("broad")).read_text())
+    summary = json.loads(Path(L.eval_summary()).read_text())
     assert set(summary["broad"]) == {"4", "8"} and "base" in summary
-    for name in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors", "README.md"):
-        assert (results / "final" / name).is_file()
+    for path in (L.final_lora(), L.final_comfyui(), L.final_card()):
+        assert Path(path).is_file()
     for phase in ("broad", "skin_match", "best_quality"):
-        assert (results / "eval" / "plots" / f"{phase}.png").is_file()
-        assert (results / "eval" / "contact" / f"{phase}.png").is_file()
-    second = json.loads((results / "train" / "skin_match" / "train.json").read_text())
+        assert Path(L.eval_plot(phase)).is_file()
+        assert Path(L.contact_sheet(phase)).is_file()
+    second = json.loads(Path(L.train_summary("skin_match")).read_text())
     assert second["init_lora"] == broad_best["lora"]
     # shard tables stay (a changed photo reruns only its shard), inside the DVC-tracked folders
-    assert len(list((results / "faces" / "shards").glob("*.faces.parquet"))) == 2
+    assert len(list(Path(L.faces_shard(0)).parent.glob("*.faces.parquet"))) == 2
     logs = snakemake_project / "logs"
     assert (logs / "detect" / "0.log").is_file() and (logs / "select" / "broad.log").is_file()
 

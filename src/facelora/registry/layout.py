@@ -32,9 +32,9 @@ BASE = "base"  # the model without a LoRA: the reference row of every evaluation
 CHECKPOINTS = "checkpoints"  # inside a phase's training folder
 
 
-def checkpoint_name(step: int) -> str:
-    """A checkpoint's folder inside CHECKPOINTS."""
-    return f"step-{step:06d}"
+def checkpoint_name(step: int | str) -> str:
+    """A checkpoint's folder inside CHECKPOINTS (a string step is a placeholder)."""
+    return f"step-{step:06d}" if isinstance(step, int) else f"step-{step}"
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class Layout:
     def train_dir(self, phase: object = "{phase}") -> str:
         return self._p("train", phase)
 
-    def checkpoint_dir(self, phase: str, step: int) -> str:
+    def checkpoint_dir(self, phase: object = "{phase}", step: int | str = "NNNNNN") -> str:
         return self._p("train", phase, CHECKPOINTS, checkpoint_name(step))
 
     def train_summary(self, phase: object = "{phase}") -> str:

@@ -457,9 +457,11 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.2e}")
             if self.step % train.save_every == 0 or self.step == self.total:
-                saved.append(self.save(total_loss))
+                # the log first: a run killed between the two resumes from the previous
+                # checkpoint and cuts the log back to it, never past a gap
                 if self.rank == 0:
                     _write_log(log_path, rows)
+                saved.append(self.save(total_loss))
         bar.close()
         checksums = self._gather(self.checksum())
         # what each process holds of the transformer (FSDP: about 1/N of it)
