@@ -15,9 +15,7 @@ def test_undeclared_sections_are_refused_by_name():
     view = DeclaredParams(Params(), ("faces", "captions.trigger"), "demo")
     assert view.faces.backend == Params().faces.backend
     assert view.captions.trigger == "EDITFACE"
-    with pytest.raises(
-        UndeclaredSetting, match=r"read the setting 'captions\.default_change'"
-    ):
+    with pytest.raises(UndeclaredSetting, match=r"read the setting 'captions\.default_change'"):
         _ = view.captions.default_change
     with pytest.raises(UndeclaredSetting, match=r"'lora'"):
         _ = view.lora
