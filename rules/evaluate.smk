@@ -54,7 +54,7 @@ rule evaluate:
 
 rule choose:
     input:
-        base=rules.evaluate_base.output.metrics,
+        base=L.base_metrics(),
         groups=eval_group_outputs(P, L),
     output:
         L.best(),
@@ -76,7 +76,7 @@ rule choose:
 
 rule choose_base:
     input:
-        rules.evaluate_base.output.metrics,
+        L.base_metrics(),
     output:
         L.best("base"),
     log:
