@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a lent GPU machine (one H100/H200, no network; the parts'
+# The GPU checks, as one script for a GPU machine (one H100/H200, no network; the parts'
 # timeouts add up to 530 s, inside one 600 s call):
 # the CUDA-only tests (nf4/int8/fp8 bases, bf16) and the real-width training benchmark at
-# 1024x1024 (bf16, rank 64, gradient checkpointing), whose figures go in the README.
+# 1024x1024 (bf16, rank 64, gradient checkpointing), whose figures go in benchmarks/README.md.
 #
-# Here first: scripts/gpu_wheels.sh (fills .whl/). Then, with the device tool:
-#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# First, on a machine with network: scripts/gpu_wheels.sh (fills .whl/). Then, on the GPU
+# machine with .whl/ copied along: bash benchmarks/gpu_session.sh
 # Logs land in $OUT (or /tmp/gpu_session): tests.txt, qwen.txt, klein.txt, klein_fp8.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."

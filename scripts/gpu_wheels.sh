@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Download into .whl/ the wheels that the lent GPU machine lacks (it has PyTorch, transformers
-# and accelerate but no network): the versions installed in this checkout's .venv, built for
+# Download into .whl/ the wheels that a GPU machine without network lacks (one that has PyTorch,
+# transformers and accelerate): the versions installed in this checkout's .venv, built for
 # its Python 3.12 on x86-64. Then run benchmarks/gpu_session.sh there with .whl carried along.
 # Its own transformers (5.17) and huggingface_hub (1.33) are kept: the tiny builders and
 # training were checked with those versions (transformers' wheel would not fit the 64 MiB).
