@@ -115,3 +115,23 @@ def test_phase_folders_of_the_sample_data(demo_results):
     second = json.loads((demo_results / "phases" / "skin_match" / "phase.json").read_text())
     assert second["previous_phase"] == "broad" and second["init_from"] == "best"
     assert second["steps"] == 4000
+
+
+def test_photos_without_pairs_end_in_words_not_a_traceback(tmp_path, sample_raw):
+    """Plain photos (no pair layout): the pair step scores an empty index (it crashed on the
+    empty table before), and the first phase says there is nothing to select and what to set."""
+    from helpers import run_data_half
+
+    from facelora.config import Params
+    from facelora.registry.layout import Layout
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i, photo in enumerate(sorted((sample_raw / "kontext").glob("*_start.jpg"))[:3]):
+        (raw / f"photo{i}.jpg").write_bytes(photo.read_bytes())
+    with pytest.raises(PhaseEmpty, match="no training pairs to select from.*auto_identity"):
+        run_data_half(raw, tmp_path / "results", Params())
+    layout = Layout(str(tmp_path / "results"))
+    assert pd.read_parquet(layout.pairs()).empty
+    reasons = pd.read_csv(layout.pairs_rejected())["reason"]
+    assert len(reasons) == 3 and reasons.str.contains("not part of any pair").all()

@@ -66,6 +66,14 @@ def select_phase(pairs: pd.DataFrame, phase: PhaseParams) -> tuple[pd.DataFrame,
         "selected": len(chosen),
         "dropped_by_filter": dropped,
     }
+    if len(pairs) == 0:
+        raise PhaseEmpty(
+            f"phase {phase.name!r}: there are no training pairs to select from (no usable, "
+            "captioned pair left after the pair and caption steps; their rejected.csv files "
+            "say why). Photos are paired only when they form a before/after pair in one of the "
+            "input layouts (NAME_start/NAME_end files, control folders, a manifest: "
+            "docs/data.md), or with pairs.auto_identity.enabled: true (photos of one person)"
+        )
     if len(chosen) < phase.min_pairs:
         raise PhaseEmpty(
             f"phase {phase.name!r} selected {len(chosen)} of {len(pairs)} training pairs "

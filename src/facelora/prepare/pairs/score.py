@@ -423,7 +423,10 @@ def score_shard(
     """Score this shard's candidates of the pair index; the face crops (`crops_dir`) are
     where the crops table's paths point."""
     index = pq.read_table(index_path, schema=INDEX).to_pandas()
-    index = index[index["pair_id"].map(lambda p: in_shard(p, shard))]
+    # a boolean array, not a mapped Series: on an empty index pandas would take an empty
+    # object Series for a column selection and drop every column
+    mine = np.array([in_shard(p, shard) for p in index["pair_id"]], dtype=bool)
+    index = index.loc[mine]
     faces, crops, images = _lookups(index, faces_path, crops_path, images_path)
     crops_dir = Path(crops_dir)
     scorer = PairScorer(Path(raw_dir), crops_dir, Path(pairs_dir), params, faces, crops, images)
