@@ -120,10 +120,10 @@ def test_phase_folders_of_the_sample_data(demo_results):
 def test_photos_without_pairs_end_in_words_not_a_traceback(tmp_path, sample_raw):
     """Plain photos (no pair layout): the pair step scores an empty index (it crashed on the
     empty table before), and the first phase says there is nothing to select and what to set."""
-    from helpers import run_data_half
-
     from facelora.config import Params
     from facelora.registry.layout import Layout
+
+    from helpers import run_data_half
 
     raw = tmp_path / "raw"
     raw.mkdir()
