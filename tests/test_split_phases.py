@@ -1,6 +1,7 @@
 """Validation split and phase selection."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -119,9 +120,13 @@ def test_phase_folders_of_the_sample_data(demo_results):
 
 def test_photos_without_pairs_end_in_words_not_a_traceback(tmp_path, sample_raw):
     """Plain photos (no pair layout): the pair step scores an empty index (it crashed on the
-    empty table before), and the first phase says there is nothing to select and what to set."""
+    empty table before); the phases are written empty with the reason (what to set), the data
+    summary reports it, and training such a phase stops with that reason."""
     from facelora.config import Params
+    from facelora.errors import SettingsError
+    from facelora.prepare.summary import format_summary, write_summary
     from facelora.registry.layout import Layout
+    from facelora.train.data import read_phase
 
     from helpers import run_data_half
 
@@ -129,9 +134,19 @@ def test_photos_without_pairs_end_in_words_not_a_traceback(tmp_path, sample_raw)
     raw.mkdir()
     for i, photo in enumerate(sorted((sample_raw / "kontext").glob("*_start.jpg"))[:3]):
         (raw / f"photo{i}.jpg").write_bytes(photo.read_bytes())
-    with pytest.raises(PhaseEmpty, match="no training pairs to select from.*auto_identity"):
-        run_data_half(raw, tmp_path / "results", Params())
+    params = Params()
+    run_data_half(raw, tmp_path / "results", params)
     layout = Layout(str(tmp_path / "results"))
     assert pd.read_parquet(layout.pairs()).empty
     reasons = pd.read_csv(layout.pairs_rejected())["reason"]
     assert len(reasons) == 3 and reasons.str.contains("not part of any pair").all()
+    broad = Path(layout.phase_dir("broad"))
+    info = json.loads((broad / "phase.json").read_text())
+    assert info["selected"] == 0 and "no training pairs to select from" in info["empty"]
+    assert "pairs.auto_identity.enabled" in info["empty"] and not read_manifest(broad)
+    summary = write_summary(
+        layout.root, params, tmp_path / "s.json", tmp_path / "f.png", tmp_path / "c.png"
+    )
+    assert "phase broad is EMPTY" in format_summary(summary)
+    with pytest.raises(SettingsError, match="no training pairs to select from"):
+        read_phase(broad, 64, 3)

@@ -9,6 +9,7 @@ manifest, and phase.json (what training needs: steps, init_from and the previous
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from facelora.io.datasets import write_kontext_dataset
 from facelora.io.tables import frame_records, read_table
 from facelora.prepare.split import trainable_pairs
 from facelora.registry.scores import SCORE_COLUMNS
+
+log = logging.getLogger(__name__)
 
 
 class PhaseEmpty(SettingsError):
@@ -58,6 +61,13 @@ def apply_top(pairs: pd.DataFrame, phase: PhaseParams) -> pd.DataFrame:
 
 
 def select_phase(pairs: pd.DataFrame, phase: PhaseParams) -> tuple[pd.DataFrame, dict]:
+    """The phase's pairs and the counts; PhaseEmpty (saying why) below min_pairs."""
+    chosen, stats = _select(pairs, phase)
+    _check_not_empty(phase, stats)
+    return chosen, stats
+
+
+def _select(pairs: pd.DataFrame, phase: PhaseParams) -> tuple[pd.DataFrame, dict]:
     filtered, dropped = apply_filters(pairs, phase)
     chosen = apply_top(filtered, phase)
     stats = {
@@ -66,7 +76,16 @@ def select_phase(pairs: pd.DataFrame, phase: PhaseParams) -> tuple[pd.DataFrame,
         "selected": len(chosen),
         "dropped_by_filter": dropped,
     }
-    if len(pairs) == 0:
+    return chosen, stats
+
+
+def _check_not_empty(phase: PhaseParams, stats: dict) -> None:
+    candidates, selected, dropped = (
+        stats["candidates"],
+        stats["selected"],
+        stats["dropped_by_filter"],
+    )
+    if candidates == 0:
         raise PhaseEmpty(
             f"phase {phase.name!r}: there are no training pairs to select from (no usable, "
             "captioned pair left after the pair and caption steps; their rejected.csv files "
@@ -74,25 +93,33 @@ def select_phase(pairs: pd.DataFrame, phase: PhaseParams) -> tuple[pd.DataFrame,
             "input layouts (NAME_start/NAME_end files, control folders, a manifest: "
             "docs/data.md), or with pairs.auto_identity.enabled: true (photos of one person)"
         )
-    if len(chosen) < phase.min_pairs:
+    if selected < phase.min_pairs:
         raise PhaseEmpty(
-            f"phase {phase.name!r} selected {len(chosen)} of {len(pairs)} training pairs "
+            f"phase {phase.name!r} selected {selected} of {candidates} training pairs "
             f"(< min_pairs {phase.min_pairs}; dropped by filter: {dropped}): loosen its filters "
             f"or top in params.yaml"
         )
-    return chosen, stats
 
 
 def run_select(
     name: str, pairs_path, captions_path, split_path, out_dir, params: Params, *, pairs_dir
 ) -> dict:
-    """One phase's dataset folder (`out_dir`) from the pairs table (crops under `pairs_dir`)."""
+    """One phase's dataset folder (`out_dir`) from the pairs table (crops under `pairs_dir`).
+
+    An empty phase (below min_pairs) is written too, with the reason in phase.json (`empty`),
+    so that the data summary still reports every step; training it stops with that reason."""
     phase = params.phase(name)
     pairs = trainable_pairs(pairs_path, captions_path)
     split = read_table(split_path)
     train_ids = set(split.loc[split["split"] == "train", "pair_id"])
     pairs = pairs[pairs["pair_id"].isin(train_ids)]
-    chosen, stats = select_phase(pairs, phase)
+    chosen, stats = _select(pairs, phase)
+    try:
+        _check_not_empty(phase, stats)
+        empty = None
+    except PhaseEmpty as exc:
+        empty = str(exc)
+        log.warning("%s", empty)
     position = params.phase_names.index(name)
     info = {
         "name": name,
@@ -103,6 +130,7 @@ def run_select(
         "filters": {k: v.model_dump(exclude_none=True) for k, v in phase.filters.items()},
         "top": phase.top.model_dump(exclude_none=True) if phase.top else None,
         **stats,
+        "empty": empty,
         "score_means": {
             k: (None if np.isnan(m) else round(float(m), 4))
             for k, m in chosen[list(SCORE_COLUMNS)].astype(float).mean().items()

@@ -153,6 +153,9 @@ def format_summary(summary: dict) -> str:
     lines = ["facelora data summary", ""]
     width = max(len(k) for k in summary["funnel"])
     lines += [f"  {k:<{width}}  {v}" for k, v in summary["funnel"].items()]
+    for name, phase in summary.get("phases", {}).items():
+        if phase.get("empty"):
+            lines += ["", f"phase {name} is EMPTY (training it stops here): {phase['empty']}"]
     for step, reasons in summary["rejected"].items():
         if reasons:
             lines += ["", f"rejected {step}:"]

@@ -81,7 +81,9 @@ def read_phase(
             )
         )
     if not samples:
-        raise SettingsError(f"{folder} holds no pairs")
+        info = folder / "phase.json"
+        reason = json.loads(info.read_text()).get("empty") if info.is_file() else None
+        raise SettingsError(reason or f"{folder} holds no pairs")
     return samples
 
 

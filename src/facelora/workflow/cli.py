@@ -424,6 +424,8 @@ def cmd_select(args, params) -> int:
         pairs_dir=args.pairs_dir,
     )
     print(json.dumps({k: info[k] for k in ("name", "candidates", "after_filters", "selected")}))
+    if info["empty"]:
+        print(f"facelora select: warning: {info['empty']}", file=sys.stderr)
     return 0
 
 
