@@ -1,6 +1,8 @@
 """Pair scoring on controlled edits of one portrait: each score moves the way it should,
 start and end stay pixel-aligned, and every choice and rejection is written down."""
 
+import json
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -226,8 +228,10 @@ def test_require_gate_names_the_setting(tmp_path, sample_raw):
             "phases": [{"name": "all", "steps": 1, "min_pairs": 1}],
         }
     )
-    with pytest.raises(ValueError, match="selected 0 of 0"):
-        run_data_half(raw, tmp_path / "out", params)
+    run_data_half(raw, tmp_path / "out", params)
+    # the one phase is written empty, saying why (the data half goes on to its summary)
+    phase = json.loads((tmp_path / "out" / "phases" / "all" / "phase.json").read_text())
+    assert phase["selected"] == 0 and "no training pairs to select from" in phase["empty"]
     pairs = pd.read_parquet(tmp_path / "out" / "pairs" / "pairs.parquet")
     assert pairs.iloc[0]["status"] == "rejected"
     assert "< pairs.require.identity_sim.min 0.9999" in pairs.iloc[0]["reason"]
