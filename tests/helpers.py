@@ -106,17 +106,20 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
     from facelora.registry.layout import Layout
 
     L = Layout(str(results))
-    detected = [(L.faces_shard(i), L.images_shard(i)) for i in range(shards)]
+    # the shard tables apart from the step folders, so that runs with different shard counts
+    # leave identical step folders to compare
+    S = Layout(str(results / "shards"))
+    detected = [(S.faces_shard(i), S.images_shard(i)) for i in range(shards)]
     for i, (faces, images) in enumerate(detected):
         detect_shard(raw, faces, images, params, (i, shards))
     gather_detections(detected, DetectOutputs(L.faces(), L.images(), L.faces_rejected()))
-    crop_tables = [L.crops_shard(i) for i in range(shards)]
+    crop_tables = [S.crops_shard(i) for i in range(shards)]
     for i, table in enumerate(crop_tables):
         crop_shard(raw, L.faces(), L.images(), L.crops_dir(), table, params, (i, shards))
     gather_crops(crop_tables, L.crops_dir(), L.crops(), L.crops_rejected())
     index, rejected = build_index(raw, L.images(), L.faces(), L.crops(), params)
     write_index(index, rejected, L.pair_index(), L.pair_index_rejected())
-    pair_tables = [L.pairs_shard(i) for i in range(shards)]
+    pair_tables = [S.pairs_shard(i) for i in range(shards)]
     for i, table in enumerate(pair_tables):
         score_shard(
             L.pair_index(),
