@@ -45,9 +45,6 @@ class Layout:
         return "/".join([str(self.root).rstrip("/"), *map(str, parts)])
 
     # -- faces and crops -----------------------------------------------------------------------
-    def faces_dir(self) -> str:
-        return self._p("faces")
-
     def faces_shard(self, shard: object = "{shard}") -> str:
         return self._p("faces", "shards", f"{shard}.faces.parquet")
 
@@ -131,9 +128,6 @@ class Layout:
     def cache_dir(self) -> str:
         return self._p("cache")
 
-    def train_root(self) -> str:
-        return self._p("train")
-
     def train_dir(self, phase: object = "{phase}") -> str:
         return self._p("train", phase)
 
@@ -147,9 +141,6 @@ class Layout:
         return self._p("train", phase, "loss.png")
 
     # -- evaluation ----------------------------------------------------------------------------
-    def eval_root(self) -> str:
-        return self._p("eval")
-
     def eval_phase_dir(self, phase: object = "{phase}") -> str:
         """A phase's evaluation jobs (phase `base`: the model alone)."""
         return self._p("eval", "phases", phase)

@@ -256,10 +256,5 @@ def gather_detections(shards: list[tuple[Path, Path]], out: DetectOutputs) -> di
     return stats
 
 
-def shard_paths(shard_dir: str | Path, index: int) -> tuple[Path, Path]:
-    shard_dir = Path(shard_dir)
-    return shard_dir / f"{index}.faces.parquet", shard_dir / f"{index}.images.parquet"
-
-
 def read_faces(path: str | Path) -> pd.DataFrame:
     return pq.read_table(path, schema=FACES).to_pandas()
