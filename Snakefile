@@ -7,6 +7,7 @@
 
 include: "rules/common.smk"
 include: "rules/prepare.smk"
+include: "rules/synthesis.smk"
 include: "rules/models.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"

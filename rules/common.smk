@@ -15,6 +15,7 @@ from facelora.workflow.rules import (
     raw_folder,
     raw_images,
     raw_sidecars,
+    synthesis_kinds,
     train_processes,
 )
 
@@ -29,4 +30,6 @@ L = Layout(P.paths.results)
 SHARDS = list(range(P.workflow.shards))
 N_SHARDS = P.workflow.shards
 PHASES = P.phase_names
+KINDS = P.synthesis.kinds
+MADE = [L.synthesis_dir(kind) for kind in KINDS]
 ENV = "../environment.yml"

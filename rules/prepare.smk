@@ -1,4 +1,4 @@
-# the data half: detect -> crop -> pair index -> pair scores -> captions -> split -> phases
+# the data half: detect -> crop -> (synthesize, rules/synthesis.smk) -> pair index -> pair scores -> captions -> split -> phases
 # -> summary (detect, crop and pair are sharded: each shard is one job)
 
 
@@ -98,6 +98,7 @@ rule pair_index:
         images=rules.gather_faces.output.images,
         faces=rules.gather_faces.output.faces,
         crops=rules.gather_crops.output.crops,
+        made=expand(L.synthesis_manifest(), kind=KINDS),
     output:
         index=L.pair_index(),
         rejected=L.pair_index_rejected(),
@@ -110,10 +111,11 @@ rule pair_index:
     params:
         settings=command_settings(P, "pair-index"),
         raw=RAW,
+        made=lambda w: MADE,
     shell:
         "facelora pair-index --raw {params.raw:q} --images {input.images} --faces {input.faces}"
-        " --crops {input.crops} --out {output.index} --rejected-out {output.rejected}"
-        " > {log} 2>&1"
+        " --crops {input.crops} --made {params.made} --out {output.index}"
+        " --rejected-out {output.rejected} > {log} 2>&1"
 
 
 rule pair:
@@ -122,6 +124,7 @@ rule pair:
         images=rules.gather_faces.output.images,
         faces=rules.gather_faces.output.faces,
         crops=rules.gather_crops.output.crops,
+        made=expand(L.synthesis_faces(), kind=KINDS),
     output:
         shard=L.pairs_shard(),
     log:
@@ -137,10 +140,12 @@ rule pair:
         shard=lambda w: f"{w.shard}/{N_SHARDS}",
         crops_dir=folder(L.crops_dir()),
         pairs_dir=folder(L.pairs_dir()),
+        made=lambda w: MADE,
     shell:
         "facelora pair --index {input.index} --raw {params.raw:q} --images {input.images}"
         " --faces {input.faces} --crops {input.crops} --crops-dir {params.crops_dir}"
-        " --out-dir {params.pairs_dir} --shard {params.shard} --shard-out {output.shard} --workers {threads} > {log} 2>&1"
+        " --made {params.made} --out-dir {params.pairs_dir} --shard {params.shard}"
+        " --shard-out {output.shard} --workers {threads} > {log} 2>&1"
 
 
 rule gather_pairs:
@@ -192,6 +197,7 @@ rule split:
         pairs=rules.gather_pairs.output.pairs,
         captions=rules.caption.output.captions,
         faces=rules.gather_faces.output.faces,
+        made=expand(L.synthesis_faces(), kind=KINDS),
     output:
         split=L.split(),
         validation=directory(L.validation_dir()),
@@ -204,10 +210,11 @@ rule split:
     params:
         settings=command_settings(P, "split"),
         pairs_dir=folder(L.pairs_dir()),
+        made=lambda w: MADE,
     shell:
         "facelora split --pairs {input.pairs} --pairs-dir {params.pairs_dir}"
         " --captions {input.captions}"
-        " --faces {input.faces} --out {output.split}"
+        " --faces {input.faces} --made {params.made} --out {output.split}"
         " --validation-dir {output.validation} > {log} 2>&1"
 
 
@@ -238,6 +245,7 @@ rule summary:
     input:
         split=rules.split.output.split,
         phases=expand(L.phase_dir(), phase=PHASES),
+        made=expand(L.synthesis_manifest(), kind=KINDS),
     output:
         summary=L.summary(),
         funnel=L.funnel_plot(),

@@ -94,8 +94,8 @@ def settings(family: str, model: Path, steps: int = 6, **train):
 
 
 def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> Path:
-    """detect -> crop -> pair index -> pairs -> captions -> split -> phases, in-process, at
-    the results layout's paths under `results`."""
+    """detect -> crop -> synthesize (synthesis.kinds) -> pair index -> pairs -> captions ->
+    split -> phases, in-process, at the results layout's paths under `results`."""
     from facelora.prepare.captions import caption_pairs
     from facelora.prepare.faces.crop import crop_shard, gather_crops
     from facelora.prepare.faces.detect import DetectOutputs, detect_shard, gather_detections
@@ -103,6 +103,8 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
     from facelora.prepare.pairs.score import gather_pairs, score_shard
     from facelora.prepare.phases import run_select
     from facelora.prepare.split import run_split
+    from facelora.prepare.synthesis.made import MadeFolder
+    from facelora.prepare.synthesis.run import ShardOutputs, gather_synthesis, synthesize_shard
     from facelora.registry.layout import Layout
 
     L = Layout(str(results))
@@ -117,7 +119,31 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
     for i, table in enumerate(crop_tables):
         crop_shard(raw, L.faces(), L.images(), L.crops_dir(), table, params, (i, shards))
     gather_crops(crop_tables, L.crops_dir(), L.crops(), L.crops_rejected())
-    index, rejected = build_index(raw, L.images(), L.faces(), L.crops(), params)
+    made = []
+    for kind in params.synthesis.kinds:
+        outs = [
+            ShardOutputs(
+                Path(S.synthesis_shard_manifest(kind, i)),
+                Path(S.synthesis_shard_images(kind, i)),
+                Path(S.synthesis_shard_faces(kind, i)),
+            )
+            for i in range(shards)
+        ]
+        for i, out in enumerate(outs):
+            synthesize_shard(
+                kind,
+                L.crops(),
+                L.faces(),
+                L.images(),
+                L.crops_dir(),
+                L.synthesis_dir(kind),
+                out,
+                params,
+                (i, shards),
+            )
+        gather_synthesis(outs, L.synthesis_dir(kind))
+        made.append(MadeFolder.at(L.synthesis_dir(kind)))
+    index, rejected = build_index(raw, L.images(), L.faces(), L.crops(), params, made)
     write_index(index, rejected, L.pair_index(), L.pair_index_rejected())
     pair_tables = [S.pairs_shard(i) for i in range(shards)]
     for i, table in enumerate(pair_tables):
@@ -132,6 +158,7 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
             params,
             (i, shards),
             crops_dir=L.crops_dir(),
+            made=made,
         )
     gather_pairs(
         pair_tables, L.pair_index_rejected(), L.pairs_dir(), params, L.pairs(), L.pairs_rejected()
@@ -148,6 +175,7 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
         L.validation_dir(),
         params,
         pairs_dir=pairs_dir,
+        made=made,
     )
     for phase in params.phase_names:
         run_select(

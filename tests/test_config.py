@@ -28,8 +28,9 @@ def test_params_yaml_is_valid_and_documents_the_defaults():
         "eval.resolution",
         "eval.steps",
         "eval.checkpoints_per_job",
+        "synthesis.kinds",
     }
-    for key in ("resolution:", "steps: 8", "checkpoints_per_job:"):
+    for key in ("resolution:", "steps: 8", "checkpoints_per_job:", "kinds:"):
         for line in (ROOT / "params.yaml").read_text().splitlines():
             if line.strip().startswith(key):
                 assert "recipe:" in line and "demo" in line, line

@@ -147,7 +147,17 @@ def dvc_project(tmp_path_factory, sample_raw):
 
 def test_dvc_repro_gives_the_same_outputs(tmp_path, sample_raw, dvc_project):
     project, log = dvc_project
-    stages = ["prepare", "baseline", "train@0", "train@1", "train@2", "evaluate", "merge"]
+    stages = [
+        "faces",
+        "synthesize",
+        "prepare",
+        "baseline",
+        "train@0",
+        "train@1",
+        "train@2",
+        "evaluate",
+        "merge",
+    ]
     assert [line.split("'")[1] for line in log.splitlines() if "Running stage" in line] == stages
     # the model the demo trains is made by the workflow itself (a tiny random model)
     assert (project / "results" / "models" / "tiny-qwen_image_edit" / "model_index.json").is_file()

@@ -205,6 +205,176 @@ class PairsParams(Section):
         return value
 
 
+# --- synthesis ----------------------------------------------------------------------------
+
+SYNTHESIS_KINDS = ("restoration", "swap", "edit")
+DEGRADATIONS = ("blur", "motion_blur", "downscale", "noise", "jpeg", "webp", "color_fade")
+RUBRIC_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class RestorationParams(Section):
+    """Seeded degradations of a face crop: start = degraded, end = the crop."""
+
+    degradations: list[Literal[DEGRADATIONS]] = list(DEGRADATIONS)  # drawn from, per pair
+    per_pair: Annotated[int, Field(ge=1, le=len(DEGRADATIONS))] = 2  # chained in one pair
+    second_order: bool = False  # a second, milder chain after the first (Real-ESRGAN style)
+    strength: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6  # 1: the heaviest of each filter
+    caption: str = "restore the {damage} photo"  # {damage}: e.g. "blurry, compressed"
+
+
+class SwapParams(Section):
+    """Self-supervised swap: end = photo k, start = photo k with the face region replaced,
+    references = other photos of the same person."""
+
+    region: Literal["face", "head"] = "face"  # head: the hair and ears too
+    fill: Literal["blur", "noise", "gray"] = "noise"  # what replaces the region in the start
+    feather: Annotated[float, Field(ge=0.0, le=0.5)] = 0.08  # mask edge, in face sizes
+    max_references: Annotated[int, Field(ge=1, le=3)] = 1
+    caption: str = "put the face of the reference person into the photo"
+
+
+class InstructionGrid(Section):
+    """Instructions as categories x intensities: each category's text has {intensity}."""
+
+    categories: dict[str, str]  # e.g. {smile: "make the person smile {intensity}"}
+    intensities: dict[str, str] = {"": ""}  # e.g. {slight: "slightly", strong: "broadly"}
+
+    @model_validator(mode="after")
+    def _placeholder(self) -> InstructionGrid:
+        if not self.categories:
+            raise ValueError("list at least one category")
+        several = len(self.intensities) > 1
+        for name, text in self.categories.items():
+            if several and "{intensity}" not in text:
+                raise ValueError(f"categories.{name}: the text must contain {{intensity}}")
+        return self
+
+    def expand(self) -> list[tuple[str, str]]:
+        """(label, instruction) for every category x intensity, in the order given."""
+        out = []
+        for name, text in self.categories.items():
+            for level, words in self.intensities.items():
+                label = f"{name}:{level}" if level else name
+                out.append((label, " ".join(text.replace("{intensity}", words).split())))
+        return out
+
+
+class ApiParams(Section):
+    """The settings every model backend shares (local folders or HTTP endpoints)."""
+
+    model: str | None = None  # a local folder (diffusers, transformers) or the API's model id
+    base_url: str | None = None  # openai: any compatible server, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str | None = None  # the NAME of the environment variable holding the key
+    concurrency: PositiveInt = 4  # requests in flight at once
+    max_requests: PositiveInt | None = None  # a budget per run; null: no limit
+    timeout_s: Annotated[float, Field(gt=0.0)] = 120.0
+    retries: Annotated[int, Field(ge=0)] = 4  # on 429, 5xx, timeouts and invalid answers
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(
+                "give the name of an environment variable (e.g. OPENAI_API_KEY), never the key"
+            )
+        return value
+
+
+class GeneratorParams(ApiParams):
+    """The edit kind's image generator."""
+
+    backend: Literal["diffusers", "openai", "gemini"] = "diffusers"
+    size: PositiveInt = 1024  # output side in pixels (openai: sent as SIDExSIDE)
+    steps: PositiveInt = 28  # diffusers: sampling steps
+    guidance: float | None = 4.0  # diffusers: null for no classifier-free guidance
+    batch_size: PositiveInt = 1  # diffusers: photos per pipeline call
+
+
+class RubricItem(Section):
+    min: float = 1.0
+    max: float = 5.0
+    question: str  # what the model rates, e.g. "Was the instruction carried out?"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RubricItem:
+        if self.min >= self.max:
+            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        return self
+
+
+def _default_rubric() -> dict[str, RubricItem]:
+    return {
+        "instruction_success": RubricItem(
+            question="How completely was the instruction carried out in the after image?"
+        ),
+        "identity_kept": RubricItem(question="Is the after image clearly the same person?"),
+        "artifacts": RubricItem(
+            question="How free of artifacts (warping, smearing, extra features) is the after "
+            "image? 5: none"
+        ),
+        "intensity": RubricItem(min=0.0, max=1.0, question="How strong is the change?"),
+    }
+
+
+class ScorerParams(ApiParams):
+    """A vision-language model that rates each (before, after) against the rubric."""
+
+    backend: Literal["none", "transformers", "openai"] = "none"  # none: no VLM scores
+    rubric: dict[str, RubricItem] = Field(default_factory=_default_rubric)
+    describe: bool = True  # also ask for a one-line description of the change
+    caption_from_description: bool = False  # use that description as the pair's change
+    other_pairs: bool = False  # also score pairs from the raw layouts (not only synthesized)
+    max_new_tokens: PositiveInt = 256  # transformers
+    device: str = "cpu"  # transformers
+
+    @field_validator("rubric")
+    @classmethod
+    def _names(cls, value: dict[str, RubricItem]) -> dict[str, RubricItem]:
+        bad = [k for k in value if not RUBRIC_NAME.fullmatch(k)]
+        if bad:
+            raise ValueError(f"rubric names must be lower_snake_case: {', '.join(bad)}")
+        return value
+
+
+class SynthesisParams(Section):
+    kinds: list[Literal[SYNTHESIS_KINDS]] = []  # any of restoration, swap, edit
+    variations: PositiveInt = 1  # pairs made per photo and kind (edit: per instruction)
+    seed: int | None = None  # null: the top-level seed
+    restoration: RestorationParams = RestorationParams()
+    swap: SwapParams = SwapParams()
+    # the edit kind: a list of instructions, or categories x intensities
+    instructions: list[str] | InstructionGrid = []
+    generator: GeneratorParams = GeneratorParams()
+    scorer: ScorerParams = ScorerParams()
+
+    @field_validator("kinds")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("list each kind once")
+        return value
+
+    @model_validator(mode="after")
+    def _edit_needs(self) -> SynthesisParams:
+        if "edit" in self.kinds and not self.instruction_list():
+            raise ValueError(
+                "synthesis.instructions: the edit kind needs instructions (a list, or "
+                "categories with intensities)"
+            )
+        if "edit" in self.kinds and not self.generator.model:
+            raise ValueError(
+                "synthesis.generator.model: the edit kind needs a generator model (a local "
+                "pipeline folder for diffusers, the model id for openai and gemini)"
+            )
+        return self
+
+    def instruction_list(self) -> list[tuple[str, str]]:
+        """(label, instruction) pairs of the edit kind."""
+        if isinstance(self.instructions, InstructionGrid):
+            return self.instructions.expand()
+        return [(f"i{k + 1}", text) for k, text in enumerate(self.instructions)]
+
+
 # --- captions -----------------------------------------------------------------------------
 
 
@@ -473,13 +643,15 @@ class ResourcesParams(Section):
     data: JobResources = JobResources(mem_mb=2000, runtime=120)
     train: JobResources = JobResources(gpus=1, cpus=8, mem_mb=64000, runtime=720)
     eval: JobResources = JobResources(gpus=1, cpus=4, mem_mb=32000, runtime=120)
+    # the edit kind's jobs with a local generator (synthesis.generator.backend: diffusers)
+    synthesis: JobResources = JobResources(gpus=1, cpus=4, mem_mb=48000, runtime=240)
     # a failed job is retried (the profile's `retries`) asking for this much more memory and
     # time each attempt: attempt n gets mem_mb * growth^(n-1)
     retry_growth: Annotated[float, Field(ge=1.0)] = 1.5
 
     @model_validator(mode="after")
     def _nodes_for_training_only(self) -> ResourcesParams:
-        for name in ("data", "eval"):
+        for name in ("data", "eval", "synthesis"):
             if getattr(self, name).nodes != 1:
                 raise ValueError(f"resources.{name}.nodes: only training spans several nodes")
         return self
@@ -515,6 +687,7 @@ class Params(Section):
     images: ImagesParams = ImagesParams()
     faces: FacesParams = FacesParams()
     crop: CropParams = CropParams()
+    synthesis: SynthesisParams = SynthesisParams()
     pairs: PairsParams = PairsParams()
     captions: CaptionsParams = CaptionsParams()
     split: SplitParams = SplitParams()
@@ -622,7 +795,9 @@ def format_errors(error: ValidationError, source: str) -> str:
         # model validators report at the model's loc; their message already names keys
         msg = e["msg"].removeprefix("Value error, ")
         shown = ""
-        if e["type"] not in ("missing", "extra_forbidden") and not isinstance(e.get("input"), dict):
+        secret = any(str(part).endswith("api_key_env") for part in e["loc"])
+        plain = e["type"] not in ("missing", "extra_forbidden") and not secret
+        if plain and not isinstance(e.get("input"), dict):  # never echo what may be a key
             shown = f" (got {e.get('input')!r})"
         if e["type"] == "extra_forbidden":
             msg = "unknown setting (a typo? see README, 'params.yaml')"

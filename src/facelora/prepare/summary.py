@@ -22,6 +22,7 @@ import pandas as pd
 from facelora.config import Params
 from facelora.io.atomic import atomic_path, write_json
 from facelora.io.datasets import read_manifest
+from facelora.prepare.synthesis.made import read_manifest as read_made
 from facelora.registry.layout import Layout
 from facelora.registry.scores import SCORE_COLUMNS
 
@@ -41,6 +42,14 @@ def _reasons(frame: pd.DataFrame) -> dict[str, int]:
     return dict(Counter(_reason_kind(r) for r in frame["reason"]).most_common())
 
 
+def _made_counts(layout: Layout, kind: str) -> dict:
+    """A synthesis kind's pairs made, failed (with reasons) and sources left out."""
+    rows = list(read_made(layout.synthesis_manifest(kind)))
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
+    not_ok = pd.DataFrame([r for r in rows if r["status"] != "ok"], columns=["reason"])
+    return {**counts, "reasons": _reasons(not_ok)}
+
+
 def collect(layout: Layout, params: Params) -> dict:
     images = pd.read_parquet(layout.images())
     crops = pd.read_parquet(layout.crops())
@@ -48,6 +57,7 @@ def collect(layout: Layout, params: Params) -> dict:
     captions = pd.read_parquet(layout.captions())
     split = pd.read_parquet(layout.split())
     pair_rejects = pd.read_csv(layout.pairs_rejected(), keep_default_na=False)
+    synthesized = {kind: _made_counts(layout, kind) for kind in params.synthesis.kinds}
     phases = {}
     for name in params.phase_names:
         folder = Path(layout.phase_dir(name))
@@ -59,6 +69,7 @@ def collect(layout: Layout, params: Params) -> dict:
             "images_with_faces": int((images["status"] == "ok").sum()),
             "faces": int(images["n_faces"].sum()),
             "face_crops": int((crops["status"] == "ok").sum()),
+            **{f"synthesized:{k}": c["ok"] for k, c in synthesized.items()},
             "pairs_scored": len(pairs),
             "pairs_usable": int((pairs["status"] == "ok").sum()),
             "pairs_captioned": int((captions["status"] == "ok").sum()),
@@ -71,6 +82,10 @@ def collect(layout: Layout, params: Params) -> dict:
             "crops": _reasons(crops[crops["status"] == "rejected"]),
             "pairs": _reasons(pair_rejects),
             "captions": _reasons(captions[captions["status"] == "rejected"]),
+            **{f"synthesis:{k}": c["reasons"] for k, c in synthesized.items()},
+        },
+        "synthesis": {
+            k: {s: c[s] for s in ("ok", "failed", "skipped")} for k, c in synthesized.items()
         },
         "duplicates": int(images["duplicate_of"].notna().sum()),
         "phases": phases,

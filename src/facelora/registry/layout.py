@@ -9,6 +9,8 @@ wildcard arguments returns the Snakemake pattern (`{shard}`, `{phase}`, ...).
       faces/   shards/N.faces.parquet, shards/N.images.parquet, faces.parquet, images.parquet,
                rejected.csv
       crops/   shards/N.crops.parquet, the crop images, crops.parquet, rejected.csv
+      synthesis/KIND/ the pairs one kind made (Kontext files), manifest.jsonl, images.parquet,
+               faces.parquet, failed.csv, shards/N.*; synthesis/cache/ (model answers)
       pairs/   index.parquet, index_rejected.csv, shards/N.pairs.parquet, the pair crops,
                pairs.parquet, rejected.csv
       captions/ captions.parquet, lint.csv, rejected.csv
@@ -30,6 +32,14 @@ BASE = "base"  # the model without a LoRA: the reference row of every evaluation
 
 
 CHECKPOINTS = "checkpoints"  # inside a phase's training folder
+
+
+# A synthesis kind's folder (also what `facelora synthesize KIND PHOTOS --out DIR` writes):
+# the Kontext pair files and these four, named alike wherever such a folder is.
+MADE_MANIFEST = "manifest.jsonl"  # one row per pair: provenance, status, scores
+MADE_IMAGES = "images.parquet"  # the detect step's images table, for the pair images
+MADE_FACES = "faces.parquet"  # and its faces table (landmarks in the pair images' pixels)
+MADE_FAILED = "failed.csv"  # pairs that could not be made, and sources left out, with reasons
 
 
 def checkpoint_name(step: int | str) -> str:
@@ -72,6 +82,36 @@ class Layout:
 
     def crops_rejected(self) -> str:
         return self._p("crops", "rejected.csv")
+
+    # -- synthesis ---------------------------------------------------------------------------
+    def synthesis_dir(self, kind: object = "{kind}") -> str:
+        """One kind's pairs (Kontext layout) and its gathered tables."""
+        return self._p("synthesis", kind)
+
+    def synthesis_manifest(self, kind: object = "{kind}") -> str:
+        return self._p("synthesis", kind, MADE_MANIFEST)
+
+    def synthesis_images(self, kind: object = "{kind}") -> str:
+        return self._p("synthesis", kind, MADE_IMAGES)
+
+    def synthesis_faces(self, kind: object = "{kind}") -> str:
+        return self._p("synthesis", kind, MADE_FACES)
+
+    def synthesis_failed(self, kind: object = "{kind}") -> str:
+        return self._p("synthesis", kind, MADE_FAILED)
+
+    def synthesis_shard_manifest(self, kind: object = "{kind}", shard: object = "{shard}") -> str:
+        return self._p("synthesis", kind, "shards", f"{shard}.manifest.jsonl")
+
+    def synthesis_shard_images(self, kind: object = "{kind}", shard: object = "{shard}") -> str:
+        return self._p("synthesis", kind, "shards", f"{shard}.images.parquet")
+
+    def synthesis_shard_faces(self, kind: object = "{kind}", shard: object = "{shard}") -> str:
+        return self._p("synthesis", kind, "shards", f"{shard}.faces.parquet")
+
+    def synthesis_cache_dir(self) -> str:
+        """Finished model answers (generator images, VLM scores), keyed by their inputs."""
+        return self._p("synthesis", "cache")
 
     # -- pairs and captions --------------------------------------------------------------------
     def pairs_dir(self) -> str:

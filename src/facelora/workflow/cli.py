@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from facelora import __version__
-from facelora.config import ModelParams, load_params
+from facelora.config import SYNTHESIS_KINDS, ModelParams, load_params
 from facelora.errors import FaceloraError
 from facelora.registry.families import FAMILY_NAMES
 from facelora.registry.layout import BASE, Layout
@@ -30,6 +30,18 @@ def _add_shard(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--shard", help="INDEX/COUNT: handle only this shard (0-based), e.g. 0/4")
     p.add_argument("--shard-out", type=Path, help=out_help)
     p.add_argument("--workers", type=int, default=None, help="processes (workflow.workers)")
+
+
+def _add_made(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--made", type=Path, nargs="*", default=[], help="synthesis folders (one per kind)"
+    )
+
+
+def _made(args) -> list:
+    from facelora.prepare.synthesis.made import MadeFolder
+
+    return [MadeFolder.at(folder) for folder in args.made]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rejected-out", type=Path, help="without --shard: the rejected crops")
     _add_shard(p, "with --shard: this shard's crops table")
 
+    p = sub.add_parser(
+        "synthesize", help="make training pairs of one kind from face photos (Kontext layout)"
+    )
+    p.add_argument("kind", choices=list(SYNTHESIS_KINDS))
+    p.add_argument("photos_dir", type=Path, help="the photos (the workflow: paths.raw)")
+    p.add_argument("--out", type=Path, required=True, help="the kind's folder (pairs, manifest)")
+    p.add_argument("--crops", type=Path, help="the crops table (else: detect and crop here)")
+    p.add_argument("--faces", type=Path, help="with --crops: the faces table")
+    p.add_argument("--images", type=Path, help="with --crops: the images table")
+    p.add_argument("--crops-dir", type=Path, help="with --crops: the face crops' folder")
+    p.add_argument("--cache", type=Path, help="finished model answers (default: OUT/.cache)")
+    p.add_argument("--manifest-out", type=Path, help="with --shard: this shard's manifest")
+    p.add_argument("--images-out", type=Path, help="with --shard: this shard's images table")
+    p.add_argument("--faces-out", type=Path, help="with --shard: this shard's faces table")
+    p.add_argument("--shard", help="INDEX/COUNT: only this shard's pairs")
+    p.add_argument("--workers", type=int, default=None, help="processes (workflow.workers)")
+
     p = sub.add_parser("pair-index", help="list candidate pairs from every layout")
     p.add_argument("--raw", type=Path, required=True)
     p.add_argument("--images", type=Path, required=True)
@@ -80,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="the pair index (.parquet)")
     p.add_argument("--rejected-out", type=Path, required=True, help="the rejected candidates")
+    _add_made(p)
 
     p = sub.add_parser("pair", help="choose faces, cut aligned pair crops, score every pair")
     p.add_argument("--index", type=Path, required=True)
@@ -93,14 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table-out", type=Path, help="without --shard: the pairs table")
     p.add_argument("--rejected-out", type=Path, help="without --shard: the rejected pairs")
     _add_shard(p, "with --shard: this shard's pairs table")
+    _add_made(p)
 
     p = sub.add_parser("gather", help="merge shard tables into the final tables")
-    p.add_argument("kind", choices=["faces", "crops", "pairs"])
-    p.add_argument("shards", type=Path, nargs="+", help="the shard tables (faces: N.faces)")
-    p.add_argument("--images-shards", type=Path, nargs="+", help="faces: the N.images tables")
-    p.add_argument("--out", type=Path, required=True, help="the gathered table")
+    p.add_argument("kind", choices=["faces", "crops", "pairs", "synthesis"])
+    p.add_argument(
+        "shards",
+        type=Path,
+        nargs="+",
+        help="the shard tables (faces: N.faces; synthesis: N.manifest)",
+    )
+    p.add_argument(
+        "--images-shards", type=Path, nargs="+", help="faces, synthesis: the N.images tables"
+    )
+    p.add_argument("--faces-shards", type=Path, nargs="+", help="synthesis: the N.faces tables")
+    p.add_argument("--out", type=Path, required=True, help="the gathered table (synthesis: DIR)")
     p.add_argument("--images-out", type=Path, help="faces: the images table")
-    p.add_argument("--rejected-out", type=Path, required=True, help="the rejects (.csv)")
+    p.add_argument("--rejected-out", type=Path, help="the rejects (.csv; not synthesis)")
     p.add_argument("--images-dir", type=Path, help="crops, pairs: the folder of their PNGs")
     p.add_argument("--index-rejected", type=Path, help="pairs: the pair index's rejects")
 
@@ -118,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs-dir", type=Path, required=True, help="the pair crops' folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--validation-dir", type=Path, required=True)
+    _add_made(p)
 
     p = sub.add_parser("select", help="write one phase's dataset (Kontext layout)")
     p.add_argument("phase")
@@ -323,10 +363,63 @@ def cmd_crop(args, params) -> int:
     return 0
 
 
+SHARD_SYNTHESIS_ARGS = (
+    "crops",
+    "faces",
+    "images",
+    "crops_dir",
+    "manifest_out",
+    "images_out",
+    "faces_out",
+)
+
+
+def cmd_synthesize(args, params) -> int:
+    from facelora.prepare.synthesis.run import ShardOutputs, gather_synthesis, synthesize_shard
+    from facelora.prepare.synthesis.standalone import crop_photos
+
+    workers = args.workers or params.workflow.workers
+    cache = args.cache or args.out / ".cache"
+    if args.shard:
+        missing = [
+            f"--{n.replace('_', '-')}" for n in SHARD_SYNTHESIS_ARGS if getattr(args, n) is None
+        ]
+        if missing:
+            raise UserError(f"--shard needs {', '.join(missing)}")
+        out = ShardOutputs(args.manifest_out, args.images_out, args.faces_out)
+        synthesize_shard(
+            args.kind,
+            args.crops,
+            args.faces,
+            args.images,
+            args.crops_dir,
+            args.out,
+            out,
+            params,
+            _shard(args.shard),
+            workers,
+            cache,
+        )
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.crops is None:  # alone: detect, align and crop the photos first
+            tables = crop_photos(args.photos_dir, tmp / "crops", params, workers)
+        else:
+            tables = (args.crops, args.faces, args.images, args.crops_dir)
+        out = ShardOutputs(tmp / "0.manifest.jsonl", tmp / "0.images.parquet", tmp / "0.faces")
+        synthesize_shard(args.kind, *tables, args.out, out, params, (0, 1), workers, cache)
+        stats = gather_synthesis([out], args.out)
+    print(json.dumps(stats))
+    return 0
+
+
 def cmd_pair_index(args, params) -> int:
     from facelora.prepare.pairs.index import build_index, write_index
 
-    index, rejected = build_index(args.raw, args.images, args.faces, args.crops, params)
+    index, rejected = build_index(
+        args.raw, args.images, args.faces, args.crops, params, _made(args)
+    )
     write_index(index, rejected, args.out, args.rejected_out)
     print(json.dumps({"candidates": len(index), "rejected": len(rejected)}))
     return 0
@@ -340,14 +433,22 @@ def cmd_pair(args, params) -> int:
     common = (args.index, args.raw, args.faces, args.crops, args.images, args.out_dir)
     if args.shard:
         score_shard(
-            *common, args.shard_out, params, _shard(args.shard), workers, crops_dir=args.crops_dir
+            *common,
+            args.shard_out,
+            params,
+            _shard(args.shard),
+            workers,
+            crops_dir=args.crops_dir,
+            made=_made(args),
         )
         return 0
     if not (args.index_rejected and args.table_out and args.rejected_out):
         raise UserError("without --shard, pair needs --index-rejected, --table-out, --rejected-out")
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp, "0.pairs.parquet")
-        score_shard(*common, shard, params, (0, 1), workers, crops_dir=args.crops_dir)
+        score_shard(
+            *common, shard, params, (0, 1), workers, crops_dir=args.crops_dir, made=_made(args)
+        )
         stats = gather_pairs(
             [shard], args.index_rejected, args.out_dir, params, args.table_out, args.rejected_out
         )
@@ -356,6 +457,17 @@ def cmd_pair(args, params) -> int:
 
 
 def cmd_gather(args, params) -> int:
+    if args.kind == "synthesis":
+        from facelora.prepare.synthesis.run import ShardOutputs, gather_synthesis
+
+        images, faces = args.images_shards or [], args.faces_shards or []
+        if not (len(images) == len(faces) == len(args.shards)):
+            raise UserError("gather synthesis needs one --images-shards and --faces-shards each")
+        shards = [ShardOutputs(*t) for t in zip(args.shards, images, faces, strict=True)]
+        print(json.dumps(gather_synthesis(shards, args.out)))
+        return 0
+    if not args.rejected_out:
+        raise UserError(f"gather {args.kind} needs --rejected-out")
     if args.kind == "faces":
         from facelora.prepare.faces.detect import DetectOutputs, gather_detections
 
@@ -403,6 +515,7 @@ def cmd_split(args, params) -> int:
         args.validation_dir,
         params,
         pairs_dir=args.pairs_dir,
+        made=_made(args),
     )
     print(json.dumps(stats))
     return 0
@@ -693,11 +806,19 @@ class Command:
 
 
 WORKERS = ("workflow.workers",)
+SYNTHESIS_READS = ("seed", "synthesis", "images", "faces", "crop", "captions.trigger")
+SYNTHESIS_READS += ("captions.template",)  # the standalone run detects and crops too
 COMMANDS: dict[str, Command] = {
     "params": Command(cmd_params, reads=None),
     "sample-data": Command(cmd_sample_data),
     "detect": Command(cmd_detect, reads=("images", "faces"), uses=WORKERS),
     "crop": Command(cmd_crop, reads=("images", "crop"), uses=WORKERS),
+    "synthesize": Command(
+        cmd_synthesize,
+        reads=SYNTHESIS_READS,
+        uses=WORKERS,
+    ),
+    "gather synthesis": Command(cmd_gather),
     "pair-index": Command(cmd_pair_index, reads=("images", "pairs", "faces")),
     "pair": Command(cmd_pair, reads=("images", "crop", "pairs"), uses=WORKERS),
     "gather faces": Command(cmd_gather),
@@ -706,7 +827,7 @@ COMMANDS: dict[str, Command] = {
     "caption": Command(cmd_caption, reads=("captions", "pairs")),
     "split": Command(cmd_split, reads=("seed", "split", "faces")),
     "select": Command(cmd_select, reads=(PHASE,)),
-    "summary": Command(cmd_summary, reads=(PHASE,), uses=("paths.results",)),
+    "summary": Command(cmd_summary, reads=(PHASE, "synthesis.kinds"), uses=("paths.results",)),
     "plan": Command(cmd_plan),
     "make-tiny-model": Command(cmd_make_tiny_model),
     "train": Command(

@@ -188,6 +188,14 @@ def job_resources(params: Params, kind: str) -> dict[str, Any]:
     return out
 
 
+def synthesis_kinds(params: Params, on_gpu: bool) -> str:
+    """The `kind` wildcard's pattern for the synthesize jobs on GPUs (the edit kind with a
+    local generator: resources.synthesis) or on CPUs (the rest: resources.data)."""
+    local = params.synthesis.generator.backend == "diffusers"
+    kinds = [k for k in params.synthesis.kinds if (k == "edit" and local) == on_gpu]
+    return "|".join(kinds) or "-"  # "-" matches no kind
+
+
 def train_processes(params: Params):
     """`facelora train --processes`: one per GPU of the phase's job (at least one)."""
     return lambda wildcards: max(1, params.train_gpus(wildcards.phase))

@@ -21,6 +21,7 @@ from facelora.io.naming import short_hash
 from facelora.io.tables import CROPS, FACES, IMAGES, read_table
 from facelora.prepare.pairs.identity import identity_pairs
 from facelora.prepare.pairs.layouts import Discovery, PairCandidate, discover
+from facelora.prepare.synthesis.made import MadeFolder
 
 log = logging.getLogger(__name__)
 
@@ -115,22 +116,54 @@ def _identity_candidates(
     return candidates, used
 
 
+def made_candidates(made: list[MadeFolder]) -> tuple[list[PairCandidate], set[str]]:
+    """The synthesized pairs of each folder, and the photos they were made from."""
+    out, sources = [], set()
+    for folder in made:
+        for row in folder.pairs():
+            out.append(
+                PairCandidate(
+                    layout="synthesis",
+                    source=f"synthesis:{folder.kind}:{row['pair']}",
+                    start=folder.key(row["start"]),
+                    end=folder.key(row["end"]),
+                    references=[folder.key(r) for r in row["references"]],
+                    caption=row["caption"],
+                    caption_source=f"synthesis:{folder.kind}",
+                )
+            )
+            sources.add(row["source"]["image"])
+            sources.update(r["image"] for r in row["reference_sources"])
+    return out, sources
+
+
+def _image_rows(frame: pd.DataFrame) -> dict[str, dict]:
+    images = {r["image"]: r for r in frame.to_dict("records")}
+    for r in images.values():  # pandas gives NaN for missing strings
+        for k in ("sha256", "duplicate_of", "reason"):
+            r[k] = r[k] if isinstance(r[k], str) else None
+    return images
+
+
 def build_index(
     raw_dir: str | Path,
     images_path: str | Path,
     faces_path: str | Path,
     crops_path: str | Path,
     params: Params,
+    made: list[MadeFolder] = (),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(index, rejected): one row per candidate pair; one row per rejected pair or file."""
-    images_frame = read_table(images_path, IMAGES)
-    images = {r["image"]: r for r in images_frame.to_dict("records")}
-    for r in images.values():  # pandas gives NaN for missing strings
-        for k in ("sha256", "duplicate_of", "reason"):
-            r[k] = r[k] if isinstance(r[k], str) else None
+    """(index, rejected): one row per candidate pair; one row per rejected pair or file.
+    `made`: synthesis folders whose pairs join the layouts' (their photos count as used)."""
+    images = _image_rows(read_table(images_path, IMAGES))
+    raw_images = set(images)
+    for folder in made:
+        images.update(_image_rows(folder.images()))
     found: Discovery = discover(raw_dir, params.pairs.sources, params.images.extensions)
+    synthesized, made_from = made_candidates(list(made))
+    found.candidates.extend(synthesized)
     rejected = [_reject(r["reason"], image=r["image"]) for r in found.rejected]
-    claimed = {r["image"] for r in found.rejected}
+    claimed = {r["image"] for r in found.rejected} | made_from
     rows, seen_content = [], {}
     for c in found.candidates:
         claimed.update([c.start, c.end, *c.references])
@@ -149,7 +182,7 @@ def build_index(
             rejected.append(_reject(reason, c))
         else:
             rows.append(c)
-    unclaimed = sorted(set(images) - claimed)
+    unclaimed = sorted(raw_images - claimed)
     if params.pairs.auto_identity.enabled and unclaimed:
         faces = read_table(faces_path, FACES)
         crops = read_table(crops_path, CROPS)

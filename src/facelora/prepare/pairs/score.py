@@ -23,12 +23,13 @@ from facelora.io.atomic import link_or_copy, write_csv, write_parquet, write_png
 from facelora.io.parallel import ordered_map
 from facelora.io.progress import progress
 from facelora.io.sharding import in_shard
-from facelora.io.tables import CROPS, FACES, IMAGES, ParquetRowWriter, read_rows_of
+from facelora.io.tables import CROPS, FACES, IMAGES, ParquetRowWriter, frame_records, read_rows_of
 from facelora.prepare.faces.align import CropBox, transform_points, warp_crop
 from facelora.prepare.faces.pose import pose_difference
 from facelora.prepare.images import ImageRejected, read_image
 from facelora.prepare.pairs import quality
 from facelora.prepare.pairs.index import INDEX, REJECTED_COLUMNS
+from facelora.prepare.synthesis.made import ImageRoots, MadeFolder, image_roots, is_made
 from facelora.registry.scores import SCORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class PairScorer:
 
     def __init__(
         self,
-        raw_dir: Path,
+        roots: ImageRoots,
         crops_dir: Path,
         pairs_dir: Path,
         params: Params,
@@ -90,7 +91,7 @@ class PairScorer:
         crops: dict,
         images: dict,
     ):
-        self.raw_dir, self.crops_dir, self.pairs_dir = raw_dir, crops_dir, pairs_dir
+        self.roots, self.crops_dir, self.pairs_dir = roots, crops_dir, pairs_dir
         self.params = params
         self.faces = faces  # image -> [face rows sorted by face_index]
         self.crops = crops  # (image, face_index) -> crop row
@@ -101,7 +102,7 @@ class PairScorer:
     def _load(self, rel: str, min_scale: float = 1.0, max_side: int | None = None):
         try:
             return read_image(
-                self.raw_dir / rel, self.params.images, max_side=max_side, min_scale=min_scale
+                self.roots.path(rel), self.params.images, max_side=max_side, min_scale=min_scale
             )
         except ImageRejected as exc:
             raise PairRejected(f"{rel} can no longer be read: {exc.reason}") from None
@@ -237,6 +238,8 @@ class PairScorer:
         s_crop = self._face_crop(row["start"], s["face_index"]) if s is not None else None
         e_crop = self._face_crop(row["end"], e["face_index"]) if e is not None else None
         pid = row["pair_id"]
+        if is_made(row["start"]) and is_made(row["end"]):
+            return self._finish_made(row, s, e)
         if not shared:
             if s_crop is None or e_crop is None:
                 raise PairRejected(
@@ -311,36 +314,60 @@ class PairScorer:
         resolution = min(s_box.side, e_box.side)
         return self._scores(row, s, e, start_rgb, lm_s, end_rgb, lm_e, resolution, shared=False)
 
+    def _finish_made(self, row: dict, s: dict | None, e: dict | None) -> dict:
+        """A synthesized pair: its images are aligned crops already (linked, not cut)."""
+        pid = row["pair_id"]
+        start_png, end_png = self.roots.path(row["start"]), self.roots.path(row["end"])
+        row["start_crop"] = self._emit(pid, "start", None, start_png)
+        row["end_crop"] = self._emit(pid, "end", None, end_png)
+        start_rgb, end_rgb = self._read_png(start_png), self._read_png(end_png)
+        known = s if s is not None else e
+        lm_s = np.stack(known["landmarks"]).astype(np.float64)
+        lm_e = np.stack((e if e is not None else s)["landmarks"]).astype(np.float64)
+        if s is None:  # the end's face, in the start's pixels
+            lm_s = lm_s * (start_rgb.shape[0] / end_rgb.shape[0])
+        if e is None:
+            lm_e = lm_e * (end_rgb.shape[0] / start_rgb.shape[0])
+        row.update(geometry="made", out_side=int(min(start_rgb.shape[0], end_rgb.shape[0])))
+        resolution = float(min(start_rgb.shape[0], end_rgb.shape[0]))
+        return self._scores(row, s, e, start_rgb, lm_s, end_rgb, lm_e, resolution, shared=True)
+
+    def _reference_image(self, rel: str, index: int) -> tuple[Path, np.ndarray] | str:
+        """(image file, landmarks in its pixels) of a reference face, or why there is none."""
+        faces_of = self.faces.get(rel, [])
+        if len(faces_of) <= index:
+            return self._no_face_reason(rel) if not faces_of else f"no face {index}"
+        face = faces_of[index]
+        if is_made(rel):  # an aligned crop already
+            return self.roots.path(rel), np.stack(face["landmarks"]).astype(np.float64)
+        crop = self._face_crop(rel, index)
+        if crop is None:
+            return (self.crops.get((rel, index)) or {}).get("reason", "no usable crop")
+        box, side = _crop_box(crop), int(crop["out_side"])
+        landmarks = transform_points(np.stack(face["landmarks"]), box, side)
+        return self.crops_dir / crop["crop"], landmarks
+
     def _references(self, row: dict, e: dict | None, end_a: np.ndarray, lm_end_a: np.ndarray):
         sims, deltas, names, kept, faces, notes = [], [], [], [], [], []
         wanted = row.get("reference_faces")
         for k, rel in enumerate(row["references"] or []):
             index = int(wanted[k]) if wanted is not None and len(wanted) > k else 0
-            faces_of = self.faces.get(rel, [])
-            crop = self._face_crop(rel, index) if len(faces_of) > index else None
-            if crop is None:
-                why = (
-                    self._no_face_reason(rel)
-                    if not faces_of
-                    else (self.crops.get((rel, index)) or {}).get("reason", "no usable crop")
-                )
-                notes.append(f"reference {rel} dropped: {why}")
+            found = self._reference_image(rel, index)
+            if isinstance(found, str):
+                notes.append(f"reference {rel} dropped: {found}")
                 continue
-            png = self.crops_dir / crop["crop"]
+            png, lm = found
             names.append(self._emit(row["pair_id"], f"ref{len(names) + 1}", None, png))
             kept.append(rel)
             faces.append(index)
-            ref = faces_of[index]
+            ref = self.faces[rel][index]
             if e is not None:
                 sims.append(quality.identity_similarity(ref["embedding"], e["embedding"]))
-            ref_a, lm_ref_a = self._analysis(self._read_png(png), crop, ref)
+            rgb = self._read_png(png)
+            ref_a = self._resize(rgb)
+            lm_ref_a = lm * (self.params.pairs.analysis_side / rgb.shape[0])
             deltas.append(quality.skin_delta_e(ref_a, lm_ref_a, end_a, lm_end_a))
         return names, kept, faces, sims, deltas, notes
-
-    def _analysis(self, rgb: np.ndarray, crop: dict, face: dict):
-        side = self.params.pairs.analysis_side
-        lm = transform_points(np.stack(face["landmarks"]), _crop_box(crop), int(crop["out_side"]))
-        return self._resize(rgb), lm * (side / rgb.shape[0])
 
     def _resize(self, rgb: np.ndarray) -> np.ndarray:
         side = self.params.pairs.analysis_side
@@ -391,7 +418,9 @@ def _work(cand: dict) -> list[dict]:
     return _worker["scorer"].score(cand)
 
 
-def _lookups(index: pd.DataFrame, faces_path, crops_path, images_path) -> tuple[dict, dict, dict]:
+def _lookups(
+    index: pd.DataFrame, faces_path, crops_path, images_path, made: list[MadeFolder]
+) -> tuple[dict, dict, dict]:
     """Rows of the images this shard's pairs use (filtered before conversion: memory follows
     the shard, not the whole dataset)."""
     needed = set(index["start"]) | set(index["end"])
@@ -403,6 +432,12 @@ def _lookups(index: pd.DataFrame, faces_path, crops_path, images_path) -> tuple[
         faces.setdefault(f["image"], []).append(f)
     crops = {(c["image"], c["face_index"]): c for c in read_rows_of(crops_path, CROPS, wanted)}
     images = {r["image"]: r for r in read_rows_of(images_path, IMAGES, wanted)}
+    for folder in made:
+        for f in frame_records(folder.faces()):
+            if f["image"] in needed:
+                faces.setdefault(f["image"], []).append(f)
+        made_images = frame_records(folder.images())
+        images.update((r["image"], r) for r in made_images if r["image"] in needed)
     return faces, crops, images
 
 
@@ -419,17 +454,20 @@ def score_shard(
     workers: int = 1,
     *,
     crops_dir: str | Path,
+    made: list[MadeFolder] = (),
 ) -> int:
     """Score this shard's candidates of the pair index; the face crops (`crops_dir`) are
-    where the crops table's paths point."""
+    where the crops table's paths point; `made`: the synthesis folders the index read."""
     index = pq.read_table(index_path, schema=INDEX).to_pandas()
     # a boolean array, not a mapped Series: on an empty index pandas would take an empty
     # object Series for a column selection and drop every column
     mine = np.array([in_shard(p, shard) for p in index["pair_id"]], dtype=bool)
     index = index.loc[mine]
-    faces, crops, images = _lookups(index, faces_path, crops_path, images_path)
+    made = list(made)
+    faces, crops, images = _lookups(index, faces_path, crops_path, images_path, made)
     crops_dir = Path(crops_dir)
-    scorer = PairScorer(Path(raw_dir), crops_dir, Path(pairs_dir), params, faces, crops, images)
+    roots = image_roots(raw_dir, made)
+    scorer = PairScorer(roots, crops_dir, Path(pairs_dir), params, faces, crops, images)
     candidates = [
         {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
         for r in index.to_dict("records")

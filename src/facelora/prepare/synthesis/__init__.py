@@ -1,0 +1,1 @@
+"""Synthesized training pairs: restoration, swap and model edits, scored by a VLM."""

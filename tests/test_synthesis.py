@@ -1,0 +1,189 @@
+"""Synthesized pairs: the standalone command on real photos, and the pairs in the data half.
+
+The filters and masks themselves are tested in test_synthesis_degrade.py; the API backends
+against real local HTTP servers in test_synthesis_api.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from facelora.config import validate_params
+from facelora.prepare.pairs.layouts import discover_kontext
+from facelora.prepare.synthesis.degrade import apply_degradations
+from facelora.prepare.synthesis.made import MadeFolder, read_manifest
+from facelora.registry.layout import Layout
+
+from helpers import BIN, run_data_half
+
+SMALL_CROPS = {"crop": {"min_side": 128}}  # the shared photos are web-sized
+
+
+def _params_file(tmp: Path, **sections) -> Path:
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump({**SMALL_CROPS, **sections}))
+    return path
+
+
+def _synthesize(kind: str, photos: Path, out: Path, params: Path) -> subprocess.CompletedProcess:
+    command = ["--params", str(params), "synthesize", kind, str(photos), "--out", str(out)]
+    return subprocess.run(
+        [str(BIN / "facelora"), *command],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
+
+
+def _rgb(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def people(shared_faces, tmp_path_factory) -> Path:
+    """Photos of several people, 2-4 each, in one flat folder (person__file)."""
+    flat = tmp_path_factory.mktemp("people")
+    for person in sorted((shared_faces / "same_person").iterdir()):
+        for photo in sorted(person.iterdir()):
+            shutil.copy(photo, flat / f"{person.name}__{photo.name}")
+    return flat
+
+
+@pytest.fixture(scope="module")
+def restored(people, tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("restoration")
+    params = _params_file(tmp, synthesis={"restoration": {"per_pair": 3}})
+    done = _synthesize("restoration", people, tmp / "out", params)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / "out", params
+
+
+def test_restoration_alone_writes_a_kontext_folder_with_provenance(restored, people):
+    out, _ = restored
+    rows = list(read_manifest(out / "manifest.jsonl"))
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) >= 10, [r.get("reason") for r in rows if r["status"] != "ok"]
+    for row in ok:
+        start, end = _rgb(out / row["start"]), _rgb(out / row["end"])
+        assert start.shape == end.shape and start.shape[0] == start.shape[1]  # aligned crops
+        assert not np.array_equal(start, end)
+        # the degradation recorded is the one applied: re-applying it to the end (the clean
+        # crop) gives the start exactly
+        assert np.array_equal(apply_degradations(end, row["degradations"]), start)
+        assert len({s["name"] for s in row["degradations"]}) == 3
+        assert row["source"]["image"] in {p.name for p in people.iterdir()}
+        assert (out / f"{row['pair']}.txt").read_text().strip() == row["caption"]
+        assert row["caption"].startswith("EDITFACE restore the ")
+        start_bytes = (out / row["start"]).read_bytes()
+        assert row["sha256"]["start"] == hashlib.sha256(start_bytes).hexdigest()
+    # any tool that reads the Kontext layout finds exactly these pairs
+    found = discover_kontext(out, out, {".png"})
+    assert sorted(c.start for c in found.candidates) == sorted(r["start"] for r in ok)
+    assert not found.rejected
+
+
+def test_restoration_is_deterministic(restored, people, tmp_path):
+    """Same photos, settings and seed: the same bytes, file for file."""
+    out, params = restored
+    again = _synthesize("restoration", people, tmp_path / "again", params)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _digest(tmp_path / "again") == _digest(out)
+    # another seed draws other degradations
+    other = _params_file(tmp_path, seed=7, synthesis={"restoration": {"per_pair": 3}})
+    assert _synthesize("restoration", people, tmp_path / "seed7", other).returncode == 0
+    a = {r["source"]["image"]: r["degradations"] for r in read_manifest(out / "manifest.jsonl")}
+    b = {
+        r["source"]["image"]: r["degradations"]
+        for r in read_manifest(tmp_path / "seed7" / "manifest.jsonl")
+    }
+    assert a.keys() == b.keys() and a != b
+
+
+def test_swap_references_are_the_same_person_and_never_the_same_photo(people, tmp_path):
+    params = _params_file(tmp_path, synthesis={"kinds": ["swap"], "variations": 2})
+    done = _synthesize("swap", people, tmp_path / "swap", params)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(read_manifest(tmp_path / "swap" / "manifest.jsonl"))
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) >= 8
+    person = lambda image: image.split("__")[0]  # noqa: E731
+    for row in ok:
+        (ref,) = row["reference_sources"]
+        assert person(ref["image"]) == person(row["source"]["image"])
+        assert ref["sha256"] != row["source"]["sha256"] and ref["image"] != row["source"]["image"]
+        start = _rgb(tmp_path / "swap" / row["start"])
+        end = _rgb(tmp_path / "swap" / row["end"])
+        reference = _rgb(tmp_path / "swap" / row["references"][0])
+        assert not np.array_equal(start, end)
+        # outside the region the photo's own pixels remain; the face is replaced
+        assert (start == end).all(axis=2).mean() > 0.05
+        centre = slice(start.shape[0] * 2 // 5, start.shape[0] * 3 // 5)
+        assert np.abs(start[centre, centre].astype(int) - end[centre, centre]).mean() > 20
+        assert not np.array_equal(reference, end)
+    # sources without a second photo of the person are left out with the reason
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert all("no other photo of the same person" in r["reason"] for r in skipped)
+    assert pd.read_csv(tmp_path / "swap" / "failed.csv").shape[0] == len(skipped)
+
+
+def test_no_usable_face_says_what_to_change(tmp_path, shared_faces):
+    params = _params_file(tmp_path)
+    done = _synthesize("restoration", shared_faces / "no_face", tmp_path / "out", params)
+    assert done.returncode == 2
+    assert "no usable face crop" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_synthesized_pairs_join_the_data_half(sample_raw, tmp_path):
+    """restoration + swap pairs are scored, captioned, split and selected like any pair; two
+    shards give the same folders as one; a pair never leaves its source photo's side."""
+    params = validate_params({"synthesis": {"kinds": ["restoration", "swap"]}})
+    one = run_data_half(sample_raw, tmp_path / "one", params, shards=1)
+    two = run_data_half(sample_raw, tmp_path / "two", params, shards=2)
+    L1, L2 = Layout(str(one)), Layout(str(two))
+    for kind in ("restoration", "swap"):
+        assert _digest(Path(L1.synthesis_dir(kind))) == _digest(Path(L2.synthesis_dir(kind)))
+    assert pd.read_parquet(L1.pairs()).equals(pd.read_parquet(L2.pairs()))
+    pairs = pd.read_parquet(L1.pairs())
+    made = pairs[pairs["layout"] == "synthesis"]
+    assert set(made["status"]) == {"ok"}
+    assert made["source"].str.startswith("synthesis:restoration").sum() >= 10
+    assert made["source"].str.startswith("synthesis:swap").sum() >= 1
+    assert made["geometry"].eq("made").all() and made["identity_sim"].notna().all()
+    swaps = made[made["source"].str.startswith("synthesis:swap")]
+    assert swaps["reference_crops"].map(len).min() == 1
+    # restoration keeps the person: a degraded crop still embeds close to the clean one
+    assert made.loc[made["source"].str.contains("restoration"), "identity_sim"].median() > 0.9
+    captions = pd.read_parquet(L1.captions()).set_index("pair_id")
+    assert captions.loc[made["pair_id"], "status"].eq("ok").all()
+    # the split keeps every pair made from one photo on the same side as the photo's own pairs
+    split = pd.read_parquet(L1.split()).set_index("pair_id")["split"]
+    source_of = {}
+    for folder in (MadeFolder.at(L1.synthesis_dir(k)) for k in ("restoration", "swap")):
+        for row in folder.pairs():
+            source_of[folder.key(row["end"])] = row["source"]["image"]
+    sides: dict[str, set] = {}
+    for row in pairs[pairs["status"] == "ok"].itertuples():
+        photo = source_of.get(row.end, row.start)
+        if row.pair_id in split.index:
+            sides.setdefault(photo, set()).add(split[row.pair_id])
+    assert sides and all(len(s) == 1 for s in sides.values())
+    # phases take them: the broad phase holds synthesized pairs
+    manifest = (Path(L1.phase_dir("broad")) / "manifest.jsonl").read_text()
+    assert "restore the" in manifest
