@@ -7,6 +7,7 @@ against real local HTTP servers in test_synthesis_api.py.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -187,3 +188,164 @@ def test_synthesized_pairs_join_the_data_half(sample_raw, tmp_path):
     # phases take them: the broad phase holds synthesized pairs
     manifest = (Path(L1.phase_dir("broad")) / "manifest.jsonl").read_text()
     assert "restore the" in manifest
+
+
+# --- the edit kind against a real local API server -----------------------------------------
+
+
+def _edit_params(tmp: Path, api, backend: str, **generator) -> Path:
+    url = api.openai_url if backend == "openai" else api.url
+    settings = {
+        "backend": backend,
+        "model": "gpt-image-1" if backend == "openai" else "gemini-2.5-flash-image",
+        "base_url": url,
+        "api_key_env": "FACELORA_TEST_KEY",
+        "size": 256,
+        "retries": 1,
+        **generator,
+    }
+    return _params_file(
+        tmp,
+        synthesis={
+            "kinds": ["edit"],
+            "instructions": {
+                "categories": {"smile": "make the person smile {intensity}"},
+                "intensities": {"slight": "slightly", "strong": "broadly"},
+            },
+            "generator": settings,
+        },
+    )
+
+
+@pytest.fixture
+def api(monkeypatch):
+    from api_servers import FakeApi
+
+    with FakeApi() as server:
+        monkeypatch.setenv("FACELORA_TEST_KEY", server.key)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def two_people(shared_faces, tmp_path_factory) -> Path:
+    flat = tmp_path_factory.mktemp("two_people")
+    for person in ("obama", "biden"):
+        for photo in sorted((shared_faces / "same_person" / person).iterdir()):
+            shutil.copy(photo, flat / f"{person}__{photo.name}")
+    return flat
+
+
+@pytest.mark.parametrize("backend", ["openai", "gemini"])
+def test_edit_pairs_from_an_api_and_a_rerun_asks_nothing(api, two_people, tmp_path, backend):
+    params = _edit_params(tmp_path, api, backend)
+    out = tmp_path / "edit"
+    done = _synthesize("edit", two_people, out, params)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in read_manifest(out / "manifest.jsonl") if r["status"] == "ok"]
+    crops = {r["source"]["image"] for r in rows}
+    assert len(rows) == 2 * len(crops) >= 4  # every crop x (slight, strong)
+    assert {r["instruction"] for r in rows} == {
+        "make the person smile slightly",
+        "make the person smile broadly",
+    }
+    for row in rows:
+        assert row["generator"] == backend and row["request_key"]
+        assert row["caption"] == f"EDITFACE {row['instruction']}"
+        start, end = _rgb(out / row["start"]), _rgb(out / row["end"])
+        assert end.shape == start.shape  # the answer, brought to the crop's size
+        assert not np.array_equal(start, end)
+        assert "FACELORA_TEST_KEY" not in json.dumps(row) and api.key not in json.dumps(row)
+    sent = api.count()
+    assert sent == len(rows)
+    before = _digest(out)
+    again = _synthesize("edit", two_people, out, params)  # a rerun into the same folder
+    assert again.returncode == 0 and api.count() == sent  # every answer came from the cache
+    assert _digest(out) == before
+
+
+def test_edit_budget_stops_cleanly_and_a_larger_one_finishes(api, two_people, tmp_path):
+    params = _edit_params(tmp_path, api, "openai", max_requests=2)
+    out, cache = tmp_path / "edit", tmp_path / "cache"
+    command = ["--params", str(params), "synthesize", "edit", str(two_people)]
+    command += ["--out", str(out), "--cache", str(cache)]
+    first = subprocess.run([str(BIN / "facelora"), *command], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = list(read_manifest(out / "manifest.jsonl"))
+    assert sum(r["status"] == "ok" for r in rows) == 2 and api.count() == 2
+    not_run = [r for r in rows if r["status"] == "failed"]
+    assert not_run and all("max_requests" in r["reason"] for r in not_run)
+    assert "max_requests" in first.stderr  # says how far it got
+    more = _edit_params(tmp_path, api, "openai", max_requests=100)
+    command[1] = str(more)
+    second = subprocess.run([str(BIN / "facelora"), *command], capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = list(read_manifest(out / "manifest.jsonl"))
+    assert all(r["status"] == "ok" for r in rows)
+    assert api.count() == len(rows)  # the two finished ones were not asked again
+
+
+def test_edit_with_a_missing_key_variable_names_it(api, two_people, tmp_path, monkeypatch):
+    monkeypatch.delenv("FACELORA_TEST_KEY")
+    done = _synthesize("edit", two_people, tmp_path / "x", _edit_params(tmp_path, api, "openai"))
+    assert done.returncode == 2 and "FACELORA_TEST_KEY" in done.stderr
+    assert "Traceback" not in done.stderr and api.count() == 0
+
+
+def test_vlm_scores_reach_the_pairs_and_a_filter_on_them_changes_a_phase(api, sample_raw, tmp_path):
+    """The rubric's scores become pair columns vlm_<name>; a phase filter on one keeps only
+    the pairs that pass; the composite quality takes them in; a rerun asks nothing again."""
+    scorer = {
+        "backend": "openai",
+        "model": "a-vlm",
+        "base_url": api.openai_url,
+        "api_key_env": "FACELORA_TEST_KEY",
+        "other_pairs": True,
+    }
+    phases = [{"name": "broad", "steps": 2}]
+    settings = {"synthesis": {"kinds": ["restoration"], "scorer": scorer}, "phases": phases}
+    results = run_data_half(sample_raw, tmp_path / "scored", validate_params(settings))
+    L = Layout(str(results))
+    pairs = pd.read_parquet(L.pairs())
+    ok = pairs[pairs["status"] == "ok"]
+    names = ["vlm_instruction_success", "vlm_identity_kept", "vlm_artifacts", "vlm_intensity"]
+    assert set(names) <= set(pairs.columns) and "vlm_description" in pairs.columns
+    made = ok[ok["layout"] == "synthesis"]
+    other = ok[ok["layout"] != "synthesis"]
+    assert made[names].notna().all().all() and other[names].notna().all().all()
+    assert made["vlm_identity_kept"].between(1, 5).all()
+    assert made["vlm_description"].str.startswith("changed").all()
+    manifest = list(read_manifest(L.synthesis_manifest("restoration")))
+    assert all(r["scores"]["vlm_identity_kept"] for r in manifest if r["status"] == "ok")
+    sent = api.count()
+    assert sent == len(made) + len(other)
+    broad = json.loads((Path(L.phase_dir("broad")) / "phase.json").read_text())
+    # a phase filter on a VLM score (the same results folder: its caches answer)
+    cut = float(ok["vlm_identity_kept"].median())
+    filtered = [{"name": "broad", "steps": 2, "filters": {"vlm_identity_kept": {"min": cut}}}]
+    weighted = {"vlm_identity_kept": 1.0}
+    narrowed = validate_params(
+        {**settings, "phases": filtered, "pairs": {"quality_weights": weighted}}
+    )
+    again = run_data_half(sample_raw, results, narrowed)
+    assert api.count() == sent  # every answer came from the caches
+    narrow = json.loads((Path(Layout(str(again)).phase_dir("broad")) / "phase.json").read_text())
+    assert narrow["dropped_by_filter"]["vlm_identity_kept"] > 0
+    assert 0 < narrow["selected"] < broad["selected"]
+    assert narrow["score_means"]["vlm_identity_kept"] >= cut
+    # quality is now the identity score mapped onto 0..1 by the rubric's range
+    scored = pd.read_parquet(Layout(str(again)).pairs())
+    scored = scored[scored["status"] == "ok"]
+    expected = (scored["vlm_identity_kept"] - 1) / 4
+    assert np.allclose(scored["quality"], expected, atol=1e-4)
+
+
+def test_a_vlm_score_outside_the_rubric_is_refused():
+    with pytest.raises(Exception, match="not in synthesis.scorer.rubric"):
+        validate_params(
+            {
+                "synthesis": {"scorer": {"backend": "openai", "model": "m"}},
+                "pairs": {"require": {"vlm_sharpness": {"min": 3}}},
+            }
+        )
+    with pytest.raises(Exception, match="set synthesis.scorer.backend"):
+        validate_params({"pairs": {"require": {"vlm_identity_kept": {"min": 3}}}})

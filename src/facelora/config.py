@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,12 +25,27 @@ from pydantic import (
 from facelora.errors import SettingsError
 from facelora.registry.families import FAMILY_NAMES
 from facelora.registry.families import family as get_family
-from facelora.registry.scores import EvalMetric, ScoreName
+from facelora.registry.scores import SCORE_NAMES, VLM_PREFIX, EvalMetric
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+VLM_SCORE = re.compile(rf"^{VLM_PREFIX}[a-z][a-z0-9_]*$")
+
+
+def _score_name(name: str) -> str:
+    if name in SCORE_NAMES or VLM_SCORE.fullmatch(name):
+        return name
+    raise ValueError(
+        f"unknown pair score {name!r}: one of {', '.join(SCORE_NAMES)}, or vlm_<name> for a "
+        f"name in synthesis.scorer.rubric"
+    )
+
+
+ScoreName = Annotated[str, AfterValidator(_score_name)]
 
 
 class ParamsError(SettingsError):
@@ -221,13 +237,26 @@ class RestorationParams(Section):
     strength: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6  # 1: the heaviest of each filter
     caption: str = "restore the {damage} photo"  # {damage}: e.g. "blurry, compressed"
 
+    @model_validator(mode="after")
+    def _enough_filters(self) -> RestorationParams:
+        listed = len(set(self.degradations))
+        if self.per_pair > listed:
+            raise ValueError(
+                f"per_pair is {self.per_pair} but {listed} degradation(s) are listed: lower "
+                f"per_pair or list more"
+            )
+        return self
+
 
 class SwapParams(Section):
     """Self-supervised swap: end = photo k, start = photo k with the face region replaced,
     references = other photos of the same person."""
 
     region: Literal["face", "head"] = "face"  # head: the hair and ears too
-    fill: Literal["blur", "noise", "gray"] = "noise"  # what replaces the region in the start
+    # what replaces the region in the start: gray (the inpainting convention; leaks nothing),
+    # noise (leaks only colour statistics), blur (leaks the identity: the model may learn to
+    # sharpen instead of taking the reference's face)
+    fill: Literal["gray", "noise", "blur"] = "gray"
     feather: Annotated[float, Field(ge=0.0, le=0.5)] = 0.08  # mask edge, in face sizes
     max_references: Annotated[int, Field(ge=1, le=3)] = 1
     caption: str = "put the face of the reference person into the photo"
@@ -700,6 +729,27 @@ class Params(Section):
     eval: EvalParams = EvalParams()
     objective: ObjectiveParams = ObjectiveParams()
     final: FinalParams = FinalParams()
+
+    @model_validator(mode="after")
+    def _vlm_scores_exist(self) -> Params:
+        used = {f"pairs.require.{n}": n for n in self.pairs.require}
+        used |= {f"pairs.quality_weights.{n}": n for n in self.pairs.quality_weights}
+        for i, phase in enumerate(self.phases):
+            used |= {f"phases[{i}].filters.{n}": n for n in phase.filters}
+            if phase.top is not None:
+                used[f"phases[{i}].top.by"] = phase.top.by
+        scorer = self.synthesis.scorer
+        for where, name in used.items():
+            if not name.startswith(VLM_PREFIX):
+                continue
+            if scorer.backend == "none":
+                raise ValueError(f"{where}: {name} needs a VLM: set synthesis.scorer.backend")
+            if name.removeprefix(VLM_PREFIX) not in scorer.rubric:
+                raise ValueError(
+                    f"{where}: {name} is not in synthesis.scorer.rubric "
+                    f"({', '.join(scorer.rubric)})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _lora_for_family(self) -> Params:

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from facelora.io.atomic import link_or_copy, write_text
-from facelora.registry.scores import SCORE_COLUMNS
+from facelora.registry.scores import is_score_column
 
 MANIFEST = "manifest.jsonl"
 
@@ -97,7 +97,7 @@ def _write_folder(dest: str | Path, pairs: list[dict], put, extra_files) -> int:
                     "source": pair["source"],
                     "start_image": pair["start"],
                     "end_image": pair["end"],
-                    "scores": {k: _clean(pair.get(k)) for k in SCORE_COLUMNS},
+                    "scores": {k: _clean(v) for k, v in pair.items() if is_score_column(k)},
                 },
                 sort_keys=True,
             )

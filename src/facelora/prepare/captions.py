@@ -18,6 +18,8 @@ import pyarrow as pa
 from facelora.config import CaptionsParams, Params
 from facelora.io.atomic import write_csv, write_parquet
 from facelora.io.tables import read_rows
+from facelora.prepare.vlm import clean_instruction
+from facelora.registry.scores import VLM_DESCRIPTION
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,9 @@ def caption_for(pair: dict, params: Params, vlm=None) -> tuple[str | None, str |
     settings = params.captions
     notes: list[str] = []
     raw, source = pair.get("caption"), pair.get("caption_source")
+    described = pair.get(VLM_DESCRIPTION)
+    if params.synthesis.scorer.caption_from_description and described:
+        return compose(clean_instruction(described), settings), "vlm_description", notes
     if raw:
         if raw.split()[0] == settings.trigger or not settings.add_trigger:
             return raw, source, notes

@@ -21,7 +21,7 @@ from facelora.errors import SettingsError
 from facelora.io.datasets import write_kontext_dataset
 from facelora.io.tables import frame_records, read_table
 from facelora.prepare.split import trainable_pairs
-from facelora.registry.scores import SCORE_COLUMNS
+from facelora.registry.scores import higher_is_better, is_score_column
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def apply_top(pairs: pd.DataFrame, phase: PhaseParams) -> pd.DataFrame:
     top = phase.top
     if top is None or pairs.empty:
         return pairs
-    best_first_ascending = not SCORE_COLUMNS[top.by]
+    best_first_ascending = not higher_is_better(top.by)
     ascending = best_first_ascending if top.order == "best" else top.order == "ascending"
     keys = pairs[top.by].astype(float)
     ranked = pairs.assign(_key=keys if ascending else -keys).sort_values(
@@ -133,7 +133,10 @@ def run_select(
         "empty": empty,
         "score_means": {
             k: (None if np.isnan(m) else round(float(m), 4))
-            for k, m in chosen[list(SCORE_COLUMNS)].astype(float).mean().items()
+            for k, m in chosen[[c for c in chosen if is_score_column(c)]]
+            .astype(float)
+            .mean()
+            .items()
         },
     }
     write_kontext_dataset(

@@ -25,7 +25,21 @@ SCORE_COLUMNS: dict[str, bool] = {
     "face_score": True,
 }
 SCORE_NAMES: tuple[str, ...] = tuple(SCORE_COLUMNS)
-ScoreName = Literal[SCORE_NAMES]  # type: ignore[valid-type]
+# A VLM's rubric (synthesis.scorer.rubric in params.yaml) adds one score per rubric name,
+# `vlm_<name>`; its questions are phrased so that higher is better.
+VLM_PREFIX = "vlm_"
+VLM_DESCRIPTION = "vlm_description"  # the VLM's one-line description of the change (text)
+
+
+def is_score_column(column: str) -> bool:
+    """A numeric pair score column of the pairs table (fixed, or from the VLM rubric)."""
+    return column in SCORE_COLUMNS or (column.startswith(VLM_PREFIX) and column != VLM_DESCRIPTION)
+
+
+def higher_is_better(score: str) -> bool:
+    """Whether a pair score (a fixed one or a VLM rubric score) is better when higher."""
+    return SCORE_COLUMNS.get(score, True)
+
 
 # evaluation metric -> higher is better
 EVAL_METRICS: dict[str, bool] = {

@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="INDEX/COUNT: only this shard's pairs")
     p.add_argument("--workers", type=int, default=None, help="processes (workflow.workers)")
 
+    p = sub.add_parser(
+        "score", help="rate a pair folder's pairs with the VLM rubric (into its manifest.jsonl)"
+    )
+    p.add_argument("pairs_dir", type=Path, help="a folder with manifest.jsonl (synthesize's)")
+    p.add_argument("--cache", type=Path, help="finished answers (default: PAIRS_DIR/.cache)")
+
     p = sub.add_parser("pair-index", help="list candidate pairs from every layout")
     p.add_argument("--raw", type=Path, required=True)
     p.add_argument("--images", type=Path, required=True)
@@ -380,6 +386,11 @@ def cmd_synthesize(args, params) -> int:
 
     workers = args.workers or params.workflow.workers
     cache = args.cache or args.out / ".cache"
+    editor = None
+    if args.kind == "edit":  # loaded once, before any work (a missing model fails here)
+        from facelora.workflow.editors import make_editor
+
+        editor = make_editor(params)
     if args.shard:
         missing = [
             f"--{n.replace('_', '-')}" for n in SHARD_SYNTHESIS_ARGS if getattr(args, n) is None
@@ -399,6 +410,7 @@ def cmd_synthesize(args, params) -> int:
             _shard(args.shard),
             workers,
             cache,
+            editor,
         )
         return 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -408,9 +420,27 @@ def cmd_synthesize(args, params) -> int:
         else:
             tables = (args.crops, args.faces, args.images, args.crops_dir)
         out = ShardOutputs(tmp / "0.manifest.jsonl", tmp / "0.images.parquet", tmp / "0.faces")
-        synthesize_shard(args.kind, *tables, args.out, out, params, (0, 1), workers, cache)
+        synthesize_shard(args.kind, *tables, args.out, out, params, (0, 1), workers, cache, editor)
         stats = gather_synthesis([out], args.out)
     print(json.dumps(stats))
+    return 0
+
+
+def cmd_score(args, params) -> int:
+    from facelora.prepare.synthesis.made import MANIFEST, read_manifest
+    from facelora.prepare.synthesis.run import write_jsonl
+    from facelora.prepare.synthesis.scoring import apply_scores
+
+    manifest = args.pairs_dir / MANIFEST
+    if not manifest.is_file():
+        raise UserError(
+            f"{manifest} not found: score reads a folder that facelora synthesize wrote"
+        )
+    rows = list(read_manifest(manifest))
+    scored = apply_scores(rows, args.pairs_dir, params, args.cache or args.pairs_dir / ".cache")
+    write_jsonl(manifest, rows)
+    usable = sum(r["status"] == "ok" for r in rows)
+    print(json.dumps({"pairs": usable, "scored": scored, "failed": usable - scored}))
     return 0
 
 
@@ -819,12 +849,15 @@ COMMANDS: dict[str, Command] = {
         uses=WORKERS,
     ),
     "gather synthesis": Command(cmd_gather),
+    "score": Command(cmd_score, reads=("synthesis.scorer",)),
     "pair-index": Command(cmd_pair_index, reads=("images", "pairs", "faces")),
     "pair": Command(cmd_pair, reads=("images", "crop", "pairs"), uses=WORKERS),
     "gather faces": Command(cmd_gather),
     "gather crops": Command(cmd_gather),
     "gather pairs": Command(cmd_gather, reads=("pairs",)),
-    "caption": Command(cmd_caption, reads=("captions", "pairs")),
+    "caption": Command(
+        cmd_caption, reads=("captions", "pairs", "synthesis.scorer.caption_from_description")
+    ),
     "split": Command(cmd_split, reads=("seed", "split", "faces")),
     "select": Command(cmd_select, reads=(PHASE,)),
     "summary": Command(cmd_summary, reads=(PHASE, "synthesis.kinds"), uses=("paths.results",)),

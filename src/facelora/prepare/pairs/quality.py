@@ -144,10 +144,16 @@ def identity_similarity(emb_a: np.ndarray, emb_b: np.ndarray) -> float:
 # --- the composite score ------------------------------------------------------------------
 
 
-def score_to_unit(name: str, value: float) -> float:
-    """Map one score onto 0 (bad) .. 1 (good) for the weighted `quality` composite."""
+def score_to_unit(
+    name: str, value: float, ranges: dict[str, tuple[float, float]] | None = None
+) -> float:
+    """Map one score onto 0 (bad) .. 1 (good) for the weighted `quality` composite; `ranges`:
+    the VLM rubric's (min, max) per score (higher is better)."""
     if value is None or not np.isfinite(value):
         return float("nan")
+    if ranges and name in ranges:
+        low, high = ranges[name]
+        return float(np.clip((value - low) / (high - low), 0.0, 1.0))
     if name in ("skin_delta_e", "skin_delta_e_ref"):
         return math.exp(-value / 10.0)  # 2.3 is a just-noticeable difference
     if name == "pose_diff":
@@ -157,11 +163,16 @@ def score_to_unit(name: str, value: float) -> float:
     return float(np.clip(value, 0.0, 1.0))
 
 
-def composite_quality(scores: dict[str, float], weights: dict[str, float]) -> float:
+def composite_quality(
+    scores: dict[str, float],
+    weights: dict[str, float],
+    ranges: dict[str, tuple[float, float]] | None = None,
+) -> float:
     """Weighted mean of the unit-mapped scores; missing scores are left out."""
     total = weight_sum = 0.0
     for name, weight in weights.items():
-        unit_value = score_to_unit(name, scores.get(name, float("nan")))
+        value = scores.get(name)
+        unit_value = score_to_unit(name, float("nan") if value is None else value, ranges)
         if weight > 0 and np.isfinite(unit_value):
             total += weight * unit_value
             weight_sum += weight

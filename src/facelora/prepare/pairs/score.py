@@ -9,6 +9,7 @@ the choice is written into the row.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from facelora.prepare.images import ImageRejected, read_image
 from facelora.prepare.pairs import quality
 from facelora.prepare.pairs.index import INDEX, REJECTED_COLUMNS
 from facelora.prepare.synthesis.made import ImageRoots, MadeFolder, image_roots, is_made
-from facelora.registry.scores import SCORE_COLUMNS
+from facelora.registry.scores import SCORE_COLUMNS, VLM_DESCRIPTION, is_score_column
 
 log = logging.getLogger(__name__)
 IMAGES_SUBDIR = "images"
@@ -51,9 +52,46 @@ PAIRS = pa.schema(
         ("reference_crops", pa.list_(pa.string())),
         ("out_side", pa.int32()),
         *[(name, pa.float32()) for name in SCORE_COLUMNS],
+        ("rubric_scores", pa.string()),  # JSON {vlm_<name>: value}: gather makes them columns
         ("notes", pa.string()),
     ]
 )
+
+
+def composite(params: Params, scores: dict) -> float:
+    """The `quality` composite of a pair's scores (VLM scores mapped by the rubric's ranges)."""
+    rubric = params.synthesis.scorer.rubric
+    ranges = {f"vlm_{n}": (item.min, item.max) for n, item in rubric.items()}
+    return quality.composite_quality(scores, params.pairs.quality_weights, ranges)
+
+
+def _numbers(scores: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in scores.items() if is_score_column(k)}
+
+
+def made_scores(made: list[MadeFolder]) -> dict[str, dict]:
+    """A synthesized pair's end image -> the VLM scores in its manifest row (and the
+    description of the change)."""
+    out = {}
+    for folder in made:
+        for row in folder.pairs():
+            found = {
+                k: v
+                for k, v in (row.get("scores") or {}).items()
+                if (is_score_column(k) and isinstance(v, int | float)) or k == VLM_DESCRIPTION
+            }
+            if found:
+                out[folder.key(row["end"])] = found
+    return out
+
+
+def pairs_schema(params: Params) -> pa.Schema:
+    """The gathered pairs table: PAIRS plus one column per VLM rubric score."""
+    from facelora.prepare.synthesis.scoring import score_names
+
+    names = score_names(params)
+    text = [(VLM_DESCRIPTION, pa.string())] if names and params.synthesis.scorer.describe else []
+    return pa.schema([*PAIRS, *[(name, pa.float32()) for name in names], *text])
 
 
 class PairRejected(Exception):
@@ -96,6 +134,7 @@ class PairScorer:
         self.faces = faces  # image -> [face rows sorted by face_index]
         self.crops = crops  # (image, face_index) -> crop row
         self.images = images  # image -> images-table row
+        self.vlm: dict[str, dict] = {}  # a synthesized end image -> its pair's VLM scores
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -399,8 +438,10 @@ class PairScorer:
             scores["identity_sim_ref"] = float(np.mean(sims))
         if deltas:
             scores["skin_delta_e_ref"] = float(np.nanmean(deltas))
-        scores["quality"] = quality.composite_quality(scores, self.params.pairs.quality_weights)
+        vlm = self.vlm.get(row["end"], {}) if is_made(row["end"]) else {}
+        scores["quality"] = composite(self.params, {**scores, **_numbers(vlm)})
         row.update(scores)
+        row["rubric_scores"] = json.dumps(vlm, sort_keys=True) if vlm else None
         row.update(status="ok", reason=None, notes="; ".join(notes) or None)
         return row
 
@@ -468,6 +509,7 @@ def score_shard(
     crops_dir = Path(crops_dir)
     roots = image_roots(raw_dir, made)
     scorer = PairScorer(roots, crops_dir, Path(pairs_dir), params, faces, crops, images)
+    scorer.vlm = made_scores(made)
     candidates = [
         {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
         for r in index.to_dict("records")
@@ -475,15 +517,43 @@ def score_shard(
     for c in candidates:
         for k in ("references", "reference_faces"):
             c[k] = None if c[k] is None else list(c[k])
+    results = ordered_map(_work, candidates, workers, _init, (scorer,))
+    scored = progress(results, total=len(candidates), desc="pairs", unit="pair")
+    rows = [row for found in scored for row in found]
+    if params.synthesis.scorer.other_pairs and params.synthesis.scorer.backend != "none":
+        _score_other_pairs(rows, Path(pairs_dir), params)
     count = 0
     with ParquetRowWriter(shard_out, PAIRS) as writer:
-        results = ordered_map(_work, candidates, workers, _init, (scorer,))
-        for rows in progress(results, total=len(candidates), desc="pairs", unit="pair"):
-            for row in rows:
-                writer.add(row)
-                count += row["status"] == "ok"
+        for row in rows:
+            writer.add(row)
+            count += row["status"] == "ok"
     log.info("shard %d/%d: %d candidates, %d usable pairs", *shard, len(candidates), count)
     return count
+
+
+def _score_other_pairs(rows: list[dict], pairs_dir: Path, params: Params) -> None:
+    """synthesis.scorer.other_pairs: the VLM rates the raw layouts' pairs too (their crops),
+    answers cached under the pairs folder; `quality` takes the scores in."""
+    from facelora.prepare.synthesis.scoring import score_pairs
+
+    todo = [r for r in rows if r["status"] == "ok" and r["layout"] != "synthesis"]
+
+    def read(row: dict, role: str) -> bytes:
+        return (pairs_dir / row[f"{role}_crop"]).read_bytes()
+
+    items = [(read(r, "start"), read(r, "end"), r["caption"]) for r in todo]
+    for row, result in zip(todo, score_pairs(items, params, pairs_dir / ".cache"), strict=True):
+        if isinstance(result, dict):
+            vlm = {
+                k: v
+                for k, v in result.items()
+                if (is_score_column(k) and isinstance(v, int | float)) or k == VLM_DESCRIPTION
+            }
+            row["rubric_scores"] = json.dumps(vlm, sort_keys=True)
+            row["quality"] = composite(params, {**row, **_numbers(vlm)})
+        else:
+            note = f"not rated by the VLM: {result}"
+            row["notes"] = "; ".join(x for x in (row["notes"], note) if x)
 
 
 def gate_reason(row: dict, require: dict[str, ScoreRange]) -> str | None:
@@ -512,12 +582,16 @@ def gather_pairs(
     pairs_dir = Path(pairs_dir)
     table = pa.concat_tables([pq.read_table(s, schema=PAIRS) for s in shards])
     rows = table.sort_by([("pair_id", "ascending")]).to_pylist()
+    schema = pairs_schema(params)
+    vlm_columns = schema.names[len(PAIRS.names) :]
     for row in rows:
+        vlm = json.loads(row["rubric_scores"]) if row["rubric_scores"] else {}
+        row.update({name: vlm.get(name) for name in vlm_columns})
         if row["status"] == "ok":
             reason = gate_reason(row, params.pairs.require)
             if reason:
                 row.update(status="rejected", reason=reason)
-    write_parquet(table_out, pa.Table.from_pylist(rows, schema=PAIRS))
+    write_parquet(table_out, pa.Table.from_pylist(rows, schema=schema))
     rejected = pd.read_csv(index_rejected, dtype=str, keep_default_na=False).replace("", None)
     scored_rejects = pd.DataFrame(
         [

@@ -59,14 +59,16 @@ def make_swap(job: Job, writer: PairWriter, params: Params) -> Written:
     )
 
 
-def make_edit(job: Job, writer: PairWriter, params: Params, answer) -> Written:
-    """The pair of a finished generator answer (`answer.png`: the after image)."""
+def make_edit(job: Job, writer: PairWriter, params: Params, answer, request: dict) -> Written:
+    """The pair of a finished generator answer (`answer.png`: the after image); `request`:
+    the request's key and attempts, for the manifest."""
     settings = params.synthesis.generator
     provenance = {
         "generator": settings.backend,
         "model": settings.model,
         "settings": settings.model_dump(exclude={"api_key_env", "base_url"}),
         "request_ids": [answer.request_id] if answer.request_id else [],
+        **request,
     }
     try:
         after = decode_png(answer.png)

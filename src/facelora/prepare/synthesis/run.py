@@ -89,23 +89,34 @@ def synthesize_shard(
     shard: tuple[int, int] = (0, 1),
     workers: int = 1,
     cache_dir: str | Path | None = None,
+    editor=None,
 ) -> dict:
-    """Make this shard's pairs of `kind` into `folder`; returns counts."""
+    """Make this shard's pairs of `kind` into `folder`; returns counts. The edit kind asks
+    `editor` (facelora.prepare.synthesis.edit.Editor; default: the API client the settings
+    name), its answers cached in `cache_dir` (default: FOLDER/.cache)."""
     folder, crops_dir = Path(folder), Path(crops_dir)
     sources = read_sources(crops_path, faces_path, images_path)
     jobs, skipped = plan(kind, sources, params)
     mine = [j for j in jobs if in_shard(j.pair, shard)]
     backend = make_backend(params.faces)  # a missing model fails here, before any work
     if kind == "edit":
-        from facelora.prepare.synthesis.edit import run_edit_jobs
+        from facelora.prepare.synthesis.edit import api_editor, run_edit_jobs
 
-        written = run_edit_jobs(mine, folder, crops_dir, params, backend, cache_dir)
+        editor = editor or api_editor(params.synthesis.generator)
+        writer = PairWriter(folder, crops_dir, params, backend)
+        cache = Path(cache_dir) if cache_dir is not None else folder / ".cache"
+        written = run_edit_jobs(mine, writer, params, editor, cache) if mine else []
     else:
         init = (kind, folder, crops_dir, params, backend if workers <= 1 else None)
         results = ordered_map(_work, mine, workers, _init, init)
         written = list(progress(results, total=len(mine), desc=kind, unit="pair"))
     _worker.clear()
     rows = [w.manifest for w in written]
+    if params.synthesis.scorer.backend != "none":
+        from facelora.prepare.synthesis.scoring import apply_scores
+
+        cache = Path(cache_dir) if cache_dir is not None else folder / ".cache"
+        apply_scores(rows, folder, params, cache)
     rows += [
         {"pair": None, "kind": kind, "status": "skipped", "reason": s["reason"], "source": s}
         for s in skipped
