@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -349,3 +350,31 @@ def test_a_vlm_score_outside_the_rubric_is_refused():
         )
     with pytest.raises(Exception, match="set synthesis.scorer.backend"):
         validate_params({"pairs": {"require": {"vlm_identity_kept": {"min": 3}}}})
+
+
+def test_score_rates_a_folder_with_a_local_vlm(restored, tmp_path):
+    """`facelora score DIR` with the transformers backend: every usable pair gets the
+    rubric's scores in range, under the schema, from the local model; a rerun is cached."""
+    from helpers import build_tiny_qwen2_5_vl
+
+    model = build_tiny_qwen2_5_vl(tmp_path / "vlm", "hub")
+    folder = tmp_path / "pairs"
+    shutil.copytree(restored[0], folder)
+    rubric = {
+        "sharpness": {"min": 1, "max": 5, "question": "How sharp is the after image?"},
+        "identity_kept": {"min": 0, "max": 1, "question": "Same person?"},
+    }
+    scorer = {"backend": "transformers", "model": str(model), "rubric": rubric}
+    params = _params_file(tmp_path, synthesis={"scorer": {**scorer, "max_new_tokens": 8}})
+    command = [str(BIN / "facelora"), "--params", str(params), "score", str(folder)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in read_manifest(folder / "manifest.jsonl") if r["status"] == "ok"]
+    assert rows and all(set(r["scores"]) >= {"vlm_sharpness", "vlm_identity_kept"} for r in rows)
+    assert all(1 <= r["scores"]["vlm_sharpness"] <= 5 for r in rows)
+    assert all(0 <= r["scores"]["vlm_identity_kept"] <= 1 for r in rows)
+    first = (folder / "manifest.jsonl").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0 and "cached" in again.stderr
+    assert (folder / "manifest.jsonl").read_text() == first

@@ -70,6 +70,9 @@ def score_pairs(
     settings = params.synthesis.scorer
     scorer = scorer or make_scorer(settings)
     requests = [Request(scorer.request_key(*item), item) for item in items]
+    limits = api_settings(settings)
+    if settings.backend == "transformers":  # one local model, greedy: a retry says the same
+        limits.update(concurrency=1, retries=0)
     run = run_requests(
         requests,
         lambda item: scorer.score(*item).to_answer(),
@@ -77,7 +80,7 @@ def score_pairs(
         progress_desc=desc,
         setting=SETTING,
         secrets=scorer.secrets,
-        **api_settings(settings),
+        **limits,
     )
     out: list[dict | str] = []
     for outcome in run:
