@@ -46,8 +46,10 @@ def _made_counts(layout: Layout, kind: str) -> dict:
     """A synthesis kind's pairs made, failed (with reasons) and sources left out."""
     rows = list(read_made(layout.synthesis_manifest(kind)))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
-    not_ok = pd.DataFrame([r for r in rows if r["status"] != "ok"], columns=["reason"])
-    return {**counts, "reasons": _reasons(not_ok)}
+    counts["unscored"] = sum(bool(r.get("score_failure")) for r in rows)
+    reasons = [r["reason"] for r in rows if r["status"] != "ok"]
+    reasons += [f"VLM score: {r['score_failure']}" for r in rows if r.get("score_failure")]
+    return {**counts, "reasons": _reasons(pd.DataFrame({"reason": reasons}))}
 
 
 def collect(layout: Layout, params: Params) -> dict:
@@ -85,7 +87,8 @@ def collect(layout: Layout, params: Params) -> dict:
             **{f"synthesis:{k}": c["reasons"] for k, c in synthesized.items()},
         },
         "synthesis": {
-            k: {s: c[s] for s in ("ok", "failed", "skipped")} for k, c in synthesized.items()
+            k: {s: c[s] for s in ("ok", "failed", "skipped", "unscored")}
+            for k, c in synthesized.items()
         },
         "duplicates": int(images["duplicate_of"].notna().sum()),
         "phases": phases,

@@ -837,7 +837,8 @@ class Command:
 
 WORKERS = ("workflow.workers",)
 SYNTHESIS_READS = ("seed", "synthesis", "images", "faces", "crop", "captions.trigger")
-SYNTHESIS_READS += ("captions.template",)  # the standalone run detects and crops too
+SYNTHESIS_READS += ("captions.template", "model.dtype")  # dtype: the local generator's
+SYNTHESIS_USES = (*WORKERS, "model.device")
 COMMANDS: dict[str, Command] = {
     "params": Command(cmd_params, reads=None),
     "sample-data": Command(cmd_sample_data),
@@ -846,15 +847,17 @@ COMMANDS: dict[str, Command] = {
     "synthesize": Command(
         cmd_synthesize,
         reads=SYNTHESIS_READS,
-        uses=WORKERS,
+        uses=SYNTHESIS_USES,
     ),
     "gather synthesis": Command(cmd_gather),
     "score": Command(cmd_score, reads=("synthesis.scorer",)),
     "pair-index": Command(cmd_pair_index, reads=("images", "pairs", "faces")),
-    "pair": Command(cmd_pair, reads=("images", "crop", "pairs"), uses=WORKERS),
+    # the VLM scorer: its rubric makes pair columns and weighs into quality (other_pairs:
+    # the pair step asks it)
+    "pair": Command(cmd_pair, reads=("images", "crop", "pairs", "synthesis.scorer"), uses=WORKERS),
     "gather faces": Command(cmd_gather),
     "gather crops": Command(cmd_gather),
-    "gather pairs": Command(cmd_gather, reads=("pairs",)),
+    "gather pairs": Command(cmd_gather, reads=("pairs", "synthesis.scorer")),
     "caption": Command(
         cmd_caption, reads=("captions", "pairs", "synthesis.scorer.caption_from_description")
     ),
