@@ -1,5 +1,6 @@
 """What Slurm jobs ask for, and how training starts on one or several nodes."""
 
+import re
 import sys
 from types import SimpleNamespace
 
@@ -108,3 +109,38 @@ def test_several_nodes_start_one_launcher_per_node_with_slurm_rendezvous():
     }
     assert "--processes" not in step and step[-6:] == without_launch_options(TRAIN)
     assert first_host("node3,node4") == "node3"
+
+
+def test_the_edit_kind_with_a_local_generator_is_a_gpu_job(tmp_path, sample_raw):
+    """synthesize jobs: restoration on CPUs (resources.data), the edit kind with a diffusers
+    generator on GPUs (resources.synthesis); with an API generator it is a CPU job too."""
+    import subprocess
+
+    import yaml
+
+    from helpers import BIN, make_project
+
+    project = make_project(tmp_path / "project", sample_raw)
+    settings = yaml.safe_load((project / "params.yaml").read_text())
+    settings["synthesis"].update(
+        kinds=["restoration", "edit"],
+        instructions=["make the person smile"],
+        generator={"backend": "diffusers", "model": "/models/edit-pipeline"},
+    )
+    settings["resources"]["synthesis"] = {"gpus": 2, "cpus": 4, "mem_mb": 4321, "runtime": 60}
+
+    def planned() -> str:
+        (project / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        command = [str(BIN / "snakemake"), "-n", "--forceall", "synthesis", "--cores", "2"]
+        done = subprocess.run(command, cwd=project, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    blocks = re.split(r"\n(?=\[|rule |localrule )", planned())
+    jobs = [block for block in blocks if block.startswith("rule synthesize")]
+    gpu = [b for b in jobs if "rule synthesize_on_gpu" in b]
+    cpu = [b for b in jobs if "rule synthesize:" in b]
+    assert gpu and all("kind=edit" in b and "gpu=2" in b and "mem_mb=4321" in b for b in gpu)
+    assert cpu and all("kind=restoration" in b and "gpu=" not in b for b in cpu)
+    settings["synthesis"]["generator"] = {"backend": "openai", "model": "gpt-image-1"}
+    assert "synthesize_on_gpu" not in planned()

@@ -147,6 +147,8 @@ def test_photos_without_pairs_end_in_words_not_a_traceback(tmp_path, sample_raw)
     summary = write_summary(
         layout.root, params, tmp_path / "s.json", tmp_path / "f.png", tmp_path / "c.png"
     )
-    assert "phase broad is EMPTY" in format_summary(summary)
+    text = format_summary(summary)
+    assert "phase broad is EMPTY" in text
+    assert "what to change:" in text and "synthesis.kinds" in text
     with pytest.raises(SettingsError, match="no training pairs to select from"):
         read_phase(broad, 64, 3)

@@ -378,3 +378,21 @@ def test_score_rates_a_folder_with_a_local_vlm(restored, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0 and "cached" in again.stderr
     assert (folder / "manifest.jsonl").read_text() == first
+
+
+def test_plain_photos_get_phase_datasets_by_one_setting(sample_raw, tmp_path):
+    """A folder of ordinary photos (no pairs): with synthesis.kinds: [restoration] every
+    phase gets training pairs, captioned with the fix."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i, photo in enumerate(sorted((sample_raw / "kontext").glob("*_start.jpg"))):
+        (raw / f"photo{i}.jpg").write_bytes(photo.read_bytes())
+    phases = [{"name": "broad", "steps": 2}, {"name": "best", "steps": 2, "init_from": "best"}]
+    phases[1]["top"] = {"by": "quality", "fraction": 0.5}
+    params = validate_params({"synthesis": {"kinds": ["restoration"]}, "phases": phases})
+    L = Layout(str(run_data_half(raw, tmp_path / "results", params)))
+    for name in ("broad", "best"):
+        info = json.loads((Path(L.phase_dir(name)) / "phase.json").read_text())
+        assert info["selected"] >= 1 and not info["empty"]
+    captions = (Path(L.phase_dir("broad")) / "manifest.jsonl").read_text()
+    assert "EDITFACE restore the" in captions

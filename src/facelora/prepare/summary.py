@@ -167,6 +167,34 @@ def write_summary(
     return summary
 
 
+def hints(summary: dict) -> list[str]:
+    """What to change, in words, where most of the data was lost at one step."""
+    out = []
+    funnel = summary["funnel"]
+    small = sum(n for r, n in summary["rejected"].get("crops", {}).items() if "crop.min_side" in r)
+    if funnel.get("faces") and small > funnel["faces"] / 2:
+        out.append(
+            f"{small} of {funnel['faces']} faces were too small for crop.min_side: web-sized "
+            "photos need it lower (e.g. 256; smaller crops make blurrier targets), or use "
+            "larger photos"
+        )
+    if funnel.get("face_crops") == 0:
+        out.append("no usable face crop: nothing can be paired or synthesized (see above)")
+    for kind, counts in summary.get("synthesis", {}).items():
+        if counts["ok"] == 0:
+            out.append(
+                f"synthesis kind {kind} made no pairs (its reasons above; "
+                f"results/synthesis/{kind}/failed.csv)"
+            )
+    if funnel.get("pairs_scored", 0) == 0:
+        out.append(
+            "no pairs: put before/after pairs in data/raw (docs/data.md, input layouts), set "
+            "pairs.auto_identity.enabled for several photos per person, or make pairs with "
+            "synthesis.kinds (docs/synthesis.md)"
+        )
+    return out
+
+
 def format_summary(summary: dict) -> str:
     lines = ["facelora data summary", ""]
     width = max(len(k) for k in summary["funnel"])
@@ -178,4 +206,7 @@ def format_summary(summary: dict) -> str:
         if reasons:
             lines += ["", f"rejected {step}:"]
             lines += [f"  {n:>5}  {reason}" for reason, n in reasons.items()]
+    found = hints(summary)
+    if found:
+        lines += ["", "what to change:", *(f"  - {h}" for h in found)]
     return "\n".join(lines)
