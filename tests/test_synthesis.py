@@ -338,6 +338,19 @@ def test_vlm_scores_reach_the_pairs_and_a_filter_on_them_changes_a_phase(api, sa
     scored = scored[scored["status"] == "ok"]
     expected = (scored["vlm_identity_kept"] - 1) / 4
     assert np.allclose(scored["quality"], expected, atol=1e-4)
+    # pairs.require on a VLM score, and the VLM's description as the caption
+    scorer["caption_from_description"] = True
+    gated = validate_params({**settings, "pairs": {"require": {"vlm_identity_kept": {"min": cut}}}})
+    run_data_half(sample_raw, results, gated)
+    assert api.count() == sent
+    pairs = pd.read_parquet(L.pairs())
+    below = pairs[pairs["vlm_identity_kept"] < cut]
+    assert len(below) and set(below["status"]) == {"rejected"}
+    assert below["reason"].str.contains("pairs.require.vlm_identity_kept.min").all()
+    captions = pd.read_parquet(L.captions())
+    described = captions[captions["source"] == "vlm_description"]
+    assert len(described) == (pairs["status"] == "ok").sum()
+    assert described["caption"].str.match(r"^EDITFACE changed \d").all()
 
 
 def test_a_vlm_score_outside_the_rubric_is_refused():
