@@ -15,6 +15,18 @@ from facelora.config import Params
 from helpers import SHARED_COMFYUI, SHARED_FACES, run_data_half
 
 
+@pytest.fixture(scope="module")
+def offline():
+    """No download may be attempted from the hub (local loads use local_files_only too)."""
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Both tiny edit models (seed 0), built once for the session: treat them as read-only."""

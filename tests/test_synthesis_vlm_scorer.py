@@ -44,24 +44,15 @@ INSTRUCTION = "make the eyes brighter"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline():
-    """No download may be attempted (the loads use local_files_only=True as well)."""
-    import huggingface_hub.constants
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
-
-
-@pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread: on 2 shared cores a tiny model runs ~10x faster so."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")

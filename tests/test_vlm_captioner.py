@@ -29,16 +29,7 @@ from helpers import IMAGE_TOKENS, LAYOUTS, build_tiny_qwen2_5_vl
 PAIR = {"pair_id": "p1", "start_crop": "images/p1_start.png", "end_crop": "images/p1_end.png"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    """No download may be attempted (the loads use local_files_only=True as well)."""
-    import huggingface_hub.constants
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")
