@@ -568,6 +568,34 @@ class RegularizationParams(Section):
     caption: str = "EDITFACE keep the photo unchanged"
 
 
+class RegionWeights(Section):
+    """Per-pixel loss weights of the end image's regions (from its 5 landmarks)."""
+
+    face: Annotated[float, Field(ge=0.0)] = 1.0  # forehead to chin, cheek to cheek
+    hair: Annotated[float, Field(ge=0.0)] = 1.0  # the band of the head around the face
+    background: Annotated[float, Field(ge=0.0)] = 1.0  # everything else
+    feather: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1  # soft region edges, in face sizes
+
+    @property
+    def uniform(self) -> bool:
+        """Every region weighs the same: the loss is the plain mean (today's loss exactly)."""
+        return self.face == self.hair == self.background
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> RegionWeights:
+        if self.face == self.hair == self.background == 0.0:
+            raise ValueError(
+                "train.losses.regions: face, hair and background are all 0, so nothing would "
+                "be learned: give at least one region a weight above 0"
+            )
+        return self
+
+
+class LossesParams(Section):
+    # the flow-matching loss's per-pixel weights; later terms (identity, ...) go beside it
+    regions: RegionWeights = RegionWeights()
+
+
 class TrainParams(Section):
     resolution: PositiveInt = 1024  # target area side: images train at about this many pixels
     batch_size: PositiveInt = 1
@@ -597,6 +625,7 @@ class TrainParams(Section):
     diptych: bool = False  # train on [before | after] side by side, no control image
     diptych_prefix: str = "a diptych, the same person before (left) and after (right) the edit:"
     regularization: RegularizationParams = RegularizationParams()
+    losses: LossesParams = LossesParams()
 
     @model_validator(mode="after")
     def _fsdp_optimizer(self) -> TrainParams:

@@ -4,7 +4,9 @@
     DIR/<pair_id>_start2.png   face reference(s), when the pair has them (.._start4)
     DIR/<pair_id>_end.png      the image after the edit (target)
     DIR/<pair_id>.txt          the caption
-    DIR/manifest.jsonl         one JSON object per pair: files, caption, scores
+    DIR/manifest.jsonl         one JSON object per pair: files, caption, scores, and the end
+                               image's 5 landmarks (`end_landmarks`, its pixels; null when
+                               unknown) for the loss regions of training
 
 Files are hard links to the pair crops (no extra disk) where the filesystem allows; pairs held
 in memory (synthetic data, tests, benchmarks) are saved as PNG instead (`write_kontext_images`).
@@ -33,6 +35,13 @@ def _clean(value):
     return value
 
 
+def _points(value) -> list[list[float]] | None:
+    """Landmarks as plain [[x, y], ...] (a Parquet list cell arrives as arrays of arrays)."""
+    if value is None:
+        return None
+    return [[round(float(c), 2) for c in point] for point in value]
+
+
 def write_kontext_dataset(
     dest: str | Path,
     pairs: list[dict],
@@ -56,8 +65,9 @@ def write_kontext_images(
     """Write pairs held in memory as the same Kontext folder and manifest.
 
     Each pair: pair_id, caption, start_crop and end_crop (PIL images or uint8 RGB arrays),
-    optionally reference_crops (a list of them), the provenance fields of pairs.parquet (layout,
-    source, start, end: where the crops came from; None by default) and its score columns."""
+    optionally reference_crops (a list of them) and end_landmarks, the provenance fields of
+    pairs.parquet (layout, source, start, end: where the crops came from; None by default) and
+    its score columns."""
     from PIL import Image
 
     def save(image, path: Path) -> None:
@@ -98,6 +108,7 @@ def _write_folder(dest: str | Path, pairs: list[dict], put, extra_files) -> int:
                     "start_image": pair["start"],
                     "end_image": pair["end"],
                     "scores": {k: _clean(v) for k, v in pair.items() if is_score_column(k)},
+                    "end_landmarks": _points(pair.get("end_landmarks")),
                 },
                 sort_keys=True,
             )

@@ -194,6 +194,22 @@ class FamilyAdapter:
         """The model's own resolution-dependent shift for sigma (shift sampling)."""
         raise NotImplementedError
 
+    def pool_weights(self, pixel_weights: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) per-pixel loss weights at the training size -> (B, 1, H/f, W/f): the
+        mean over each cell of the VAE's latent grid (f = its downsampling factor)."""
+        f = self.pipe.vae_scale_factor
+        if pixel_weights.shape[2] % f or pixel_weights.shape[3] % f:
+            raise ValueError(f"weights of {tuple(pixel_weights.shape)}: sides must divide by {f}")
+        return torch.nn.functional.avg_pool2d(pixel_weights, f)
+
+    def layout_weights(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pool_weights' output laid out like this family's latents (as `encode_latents` and
+        `predict` return them), so that it broadcasts element for element against them."""
+        raise NotImplementedError
+
+    def latent_weights(self, pixel_weights: torch.Tensor) -> torch.Tensor:
+        return self.layout_weights(self.pool_weights(pixel_weights))
+
 
 class QwenImageEdit(FamilyAdapter):
     family = "qwen_image_edit"
@@ -250,6 +266,11 @@ class QwenImageEdit(FamilyAdapter):
         seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
         return shift_from_mu(linear_shift_mu(seq_len, dict(self.pipe.scheduler.config)))
 
+    def layout_weights(self, pooled: torch.Tensor) -> torch.Tensor:
+        # predict unpacks the 2x2 tokens back to the VAE grid: one weight per cell, every
+        # channel alike (broadcast)
+        return pooled
+
 
 class Flux2Klein(FamilyAdapter):
     family = "flux2_klein"
@@ -298,6 +319,13 @@ class Flux2Klein(FamilyAdapter):
 
         seq_len = latents.shape[2] * latents.shape[3]
         return math.exp(compute_empirical_mu(image_seq_len=seq_len, num_steps=50))
+
+    def layout_weights(self, pooled: torch.Tensor) -> torch.Tensor:
+        # Klein's latents are the VAE's channels patchified 2x2 into 4x as many: patchify the
+        # weights with the pipeline's own function, so channel k of a cell weighs the pixel
+        # cell it came from
+        channels = self.pipe.vae.config.latent_channels
+        return self.pipe._patchify_latents(pooled.expand(-1, channels, -1, -1).contiguous())
 
 
 def linear_shift_mu(seq_len: int, config: dict) -> float:

@@ -38,6 +38,16 @@ class Sample:
     controls: list[Path]  # start, then references (none in diptych mode)
     caption: str
     size: tuple[int, int] = (0, 0)  # training width, height of the whole target
+    # the loss's regions (train.losses.regions): the end image's 5 landmarks in its pixels
+    # (end_size), and/or a grey mask of the end image; None: not known (weight 1)
+    landmarks: list[list[float]] | None = None
+    end_size: tuple[int, int] = (0, 0)
+    mask: Path | None = None
+
+    @property
+    def tiles(self) -> int:
+        """Images side by side in the target (2 in diptych mode), each with the end's regions."""
+        return len(self.target)
 
 
 def read_phase(
@@ -59,6 +69,11 @@ def read_phase(
         start, end = folder / row["start"], folder / row["end"]
         with Image.open(end) as im:
             width, height = im.size
+        regions = {
+            "landmarks": row.get("end_landmarks"),
+            "end_size": (width, height),
+            "mask": folder / row["mask"] if row.get("mask") else None,
+        }
         if diptych_prefix is not None:
             samples.append(
                 Sample(
@@ -67,6 +82,7 @@ def read_phase(
                     controls=[],
                     caption=f"{diptych_prefix} {row['caption']}",
                     size=bucket_size(2 * width, height, resolution),
+                    **regions,
                 )
             )
             continue
@@ -78,6 +94,7 @@ def read_phase(
                 controls=[start, *references],
                 caption=row["caption"],
                 size=bucket_size(width, height, resolution),
+                **regions,
             )
         )
     if not samples:

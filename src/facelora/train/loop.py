@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from facelora.config import Params
+from facelora.config import LossesParams, Params
 from facelora.errors import EnvironmentProblem, FaceloraError
 from facelora.io.atomic import atomic_path, write_json
 from facelora.io.progress import progress
@@ -34,10 +33,12 @@ from facelora.registry.families import family as get_family
 from facelora.train import checkpoint, fsdp
 from facelora.train.data import EncodingCache, Sample, read_phase, read_regularization
 from facelora.train.optim import make_optimizer, make_scheduler
+from facelora.train.regions import landmark_weights, mask_weights, tiled, weighted_mse
 from facelora.train.sampling import noisy_latents, sample_sigmas
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ["step", "loss", "lr", "grad_norm", "sigma_mean", "seconds"]
+POOLED_KEPT = 4096  # samples whose latent-grid loss weights stay in memory (64 KB at 1024 px)
 
 
 class TrainingDiverged(FaceloraError, RuntimeError):
@@ -70,12 +71,15 @@ def fingerprint(
     params: Params, phase: str, data_dir: Path, model_id: str, init: Path | None
 ) -> str:
     """What makes two runs the same run: settings, data, model, starting LoRA."""
+    train = params.train.model_dump(mode="json", exclude={"save_every", "keep_states"})
+    if params.train.losses == LossesParams():  # so runs from before the setting still resume
+        train.pop("losses")
     settings = {
         "seed": params.seed,
         "lr": params.lr,
         "model": params.model.model_dump(mode="json"),
         "lora": params.lora.model_dump(mode="json"),
-        "train": params.train.model_dump(mode="json", exclude={"save_every", "keep_states"}),
+        "train": train,
         "phase": params.phase(phase).model_dump(mode="json"),
     }
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -202,6 +206,19 @@ class Trainer:
         self.ema = [p.detach().clone() for p in self.trainable] if params.train.ema_decay else None
         self.step, self.position = 0, DataPosition()
         self._epochs: dict[tuple, list[list[int]]] = {}
+        self.regions = train.losses.regions
+        self.weighted = not self.regions.uniform  # equal weights: the plain mean, untouched
+        self._pooled: dict[tuple, torch.Tensor] = {}
+        unknown = [s for s in self.samples if s.landmarks is None and s.mask is None]
+        if self.weighted and unknown:
+            log.info(
+                "train.losses.regions: %d of %d pairs of %s have no landmarks nor mask (a phase "
+                "folder written before they were stored): their loss weights are all 1; "
+                "rerun the pairs and select steps to weight them too",
+                len(unknown),
+                len(self.samples),
+                self.data_dir,
+            )
 
     # -- state -------------------------------------------------------------------------------
 
@@ -383,8 +400,43 @@ class Trainer:
         pred = self.adapter.predict(
             noisy.to(self.device), [c.to(self.device) for c in controls], text, sigma
         )
-        loss = F.mse_loss(pred.float(), target.to(self.device).float())
+        weights = self._weights(batch) if self.weighted else None
+        loss = weighted_mse(pred.float(), target.to(self.device).float(), weights)
         return loss, float(sigma.mean())
+
+    def _weights(self, batch: list[Sample]) -> torch.Tensor:
+        """The batch's loss weights, laid out like its latents (see train.regions)."""
+        pooled = torch.cat([self._pooled_weights(s) for s in batch])
+        return self.adapter.layout_weights(pooled).to(self.device)
+
+    def _pooled_weights(self, sample: Sample) -> torch.Tensor:
+        """(1, 1, h, w): the sample's pixel weights averaged over each latent cell (kept:
+        they never change during a run)."""
+        key = (sample.pair_id, sample.size)
+        if key in self._pooled:
+            return self._pooled[key]
+        if sample.mask is not None:
+            from PIL import Image
+
+            with Image.open(sample.mask) as mask:
+                mask.load()
+            pixels = tiled(sample.size, sample.tiles, lambda s: mask_weights(s, mask, self.regions))
+        elif sample.landmarks is not None:
+            end_w, end_h = sample.end_size
+            points = np.asarray(sample.landmarks, dtype=np.float64)
+
+            def tile(size: tuple[int, int]) -> np.ndarray:
+                scaled = points * np.array([size[0] / end_w, size[1] / end_h])
+                return landmark_weights(size, scaled, self.regions)
+
+            pixels = tiled(sample.size, sample.tiles, tile)
+        else:
+            pixels = np.ones(sample.size[::-1], np.float32)
+        pooled = self.adapter.pool_weights(torch.from_numpy(pixels)[None, None])
+        if len(self._pooled) >= POOLED_KEPT:
+            self._pooled.pop(next(iter(self._pooled)))
+        self._pooled[key] = pooled
+        return pooled
 
     def _encode_text(self, sample: Sample) -> torch.Tensor:
         from PIL import Image

@@ -51,6 +51,8 @@ PAIRS = pa.schema(
         ("end_crop", pa.string()),
         ("reference_crops", pa.list_(pa.string())),
         ("out_side", pa.int32()),
+        # the end image's 5 landmarks [x, y] in end-crop pixels (training's loss regions)
+        ("end_landmarks", pa.list_(pa.list_(pa.float32()))),
         *[(name, pa.float32()) for name in SCORE_COLUMNS],
         ("rubric_scores", pa.string()),  # JSON {vlm_<name>: value}: gather makes them columns
         ("notes", pa.string()),
@@ -442,6 +444,7 @@ class PairScorer:
         scores["quality"] = composite(self.params, {**scores, **_numbers(vlm)})
         row.update(scores)
         row["rubric_scores"] = json.dumps(vlm, sort_keys=True) if vlm else None
+        row["end_landmarks"] = np.round(lm_e, 2).tolist()
         row.update(status="ok", reason=None, notes="; ".join(notes) or None)
         return row
 
