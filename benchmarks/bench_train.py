@@ -60,7 +60,7 @@ Run it:
     .venv/bin/python benchmarks/bench_train.py [--family all] [--steps 20] [--warmup 3]
         [--pairs 8] [--resolution 64] [--device cpu] [--dtype float32] [--repeat 1]
         [--threads 1] [--modes cached,uncached] [--width tiny|real --blocks 2,4]
-        [--quantize none|fp8|int8|nf4] [--rank 4]
+        [--quantize none|fp8|int8|nf4] [--rank 4] [--regions FACE,HAIR,BACKGROUND]
         [--diffusers-script PATH [--diffusers-pythonpath DIR]]
 
 On a GPU machine, benchmarks/gpu_session.sh runs the real-width figures at 1024x1024.
@@ -156,7 +156,16 @@ def child_setup(job: dict) -> dict:
         start = np.asarray(Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC))
         end = start.copy()
         end[size // 4 : size // 2, size // 4 : size // 2] = (250, 240, 40)
-        pairs.append({"pair_id": f"p{i:012d}", "start_crop": start, "end_crop": end})
+        # a face's 5 landmarks in the middle (eyes, nose, mouth): --regions weighs by them
+        face = np.array([[0.4, 0.4], [0.6, 0.4], [0.5, 0.5], [0.42, 0.6], [0.58, 0.6]]) * size
+        pairs.append(
+            {
+                "pair_id": f"p{i:012d}",
+                "start_crop": start,
+                "end_crop": end,
+                "end_landmarks": face.tolist(),
+            }
+        )
     write_kontext_images(data, [{**pair, "caption": CAPTION} for pair in pairs])
     rows = read_manifest(data)
 
@@ -230,6 +239,7 @@ def child_facelora(job: dict) -> dict:
                 "save_every": 10**9,  # one checkpoint, after the last step
                 "cache": cached,
                 "gradient_checkpointing": job.get("gradient_checkpointing", False),
+                "losses": {"regions": job.get("regions") or {}},
             },
             "phases": [{"name": "bench", "steps": job["warmup"] + job["steps"]}],
         }
@@ -540,6 +550,11 @@ def main() -> None:
         default=None,
         help="train.gradient_checkpointing (default: on for --width real, off for tiny)",
     )
+    parser.add_argument(
+        "--regions",
+        help="FACE,HAIR,BACKGROUND: train.losses.regions weights (e.g. 1,0.5,0.1); "
+        "default: all 1 (the plain loss)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration")
@@ -569,6 +584,13 @@ def main() -> None:
         parser.error("--threads must be >= 1")
     if args.resolution < 64 or args.resolution % 16:
         parser.error("--resolution must be a multiple of 16, at least 64")
+    regions = None
+    if args.regions:
+        try:
+            face, hair, background = (float(v) for v in args.regions.split(","))
+        except ValueError:
+            parser.error("--regions takes three numbers: FACE,HAIR,BACKGROUND")
+        regions = {"face": face, "hair": hair, "background": background}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"cached", "uncached"}:
         parser.error("--modes takes cached and/or uncached")
@@ -634,6 +656,7 @@ def main() -> None:
             f"{args.repeat} run(s) per row"
         )
         print(f"  model.quantize {args.quantize}, gradient checkpointing {checkpointing}")
+        print(f"  train.losses.regions {regions or 'all 1 (plain loss)'}")
         print(f"  load average at start (1, 5, 15 min): {_load()}")
         built = ", ".join(f"{f} {s:.1f} s" for f, s in setup["build_seconds"].items())
         for name, blocks in setup["blocks"].items():
@@ -664,6 +687,7 @@ def main() -> None:
                         "threads": args.threads,
                         "quantize": args.quantize,
                         "gradient_checkpointing": checkpointing,
+                        "regions": regions,
                     }
                     out = run_child("facelora", job, Path(job["root"]), args.threads)
                     if "error" in out:

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from facelora.config import PhaseParams, validate_params
 from facelora.io.datasets import read_manifest
@@ -98,6 +99,11 @@ def test_phase_folders_of_the_sample_data(demo_results):
     validation = set(split.loc[split["split"] == "validation", "pair_id"])
     assert validation
     assert {m["pair_id"] for m in read_manifest(demo_results / "validation")} == validation
+    for folder in [demo_results / "validation", *(demo_results / "phases").iterdir()]:
+        for m in read_manifest(folder):  # the loss regions of training: the end's landmarks
+            side = Image.open(folder / m["end"]).width
+            points = np.array(m["end_landmarks"])
+            assert points.shape == (5, 2) and (points > 0).all() and (points < side).all()
     sizes = []
     for phase in ("broad", "skin_match", "best_quality"):
         folder = demo_results / "phases" / phase
