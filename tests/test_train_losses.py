@@ -70,6 +70,8 @@ def test_equal_weights_give_the_plain_mse_exactly(tmp_path, tiny_models, family)
     pred, target = torch.randn(2, 128, 8, 8, generator=g), torch.randn(2, 128, 8, 8, generator=g)
     ones = torch.ones(2, 1, 8, 8)
     assert torch.allclose(weighted_mse(pred, target, ones), F.mse_loss(pred, target), rtol=1e-7)
+    # normalised by the weights' sum: scaling them all leaves the loss as it was
+    assert torch.allclose(weighted_mse(pred, target, 0.3 * ones), F.mse_loss(pred, target))
 
 
 def pixel_block_of(family, channels, h, w, scale):
