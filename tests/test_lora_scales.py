@@ -215,3 +215,41 @@ def test_the_final_lora_records_its_strength(phase_one, tmp_path):
     assert "Load with strength 1.5" in card
     assert "`strength_model` to 1.5" in card and "adapter_weights=[1.5]" in card
     assert "step 2 (raw) at strength 1.5" in card
+
+
+def test_the_fused_transformer_carries_the_chosen_strength(phase_one, tmp_path):
+    """A fused model has no strength to set later: final.fuse adds S x the LoRA's delta."""
+    from safetensors.torch import load_file
+
+    root, params, _ = phase_one
+    params = _choice_params(params).model_copy(
+        update={"final": params.final.model_copy(update={"fuse": True})}
+    )
+    results = tmp_path / "results"
+    shutil.copytree(root / "train", results / "train")
+    layout = Layout(str(results))
+    _write_tables(layout, params)
+    best = Path(layout.best("one"))
+    report.write_choice("one", params, layout, best)
+
+    def fused(folder: str) -> dict:
+        build_final(params, results, tmp_path / folder)
+        return load_file(
+            tmp_path / folder / "transformer_fused" / "diffusion_pytorch_model.safetensors"
+        )
+
+    at_chosen = fused("chosen")
+    choice = json.loads(best.read_text())
+    best.write_text(json.dumps({**choice, "scale": 1.0}))  # (2, 1.0) is in the table too
+    at_one = fused("one")
+    base = load_file(
+        Path(params.model.path) / "transformer" / "diffusion_pytorch_model.safetensors"
+    )
+    changed = 0
+    for key, weight in base.items():
+        delta = at_one[key].double() - weight.double()
+        np.testing.assert_allclose(
+            (at_chosen[key].double() - weight.double()).numpy(), 1.5 * delta.numpy(), atol=1e-6
+        )
+        changed += bool(delta.abs().max() > 0)
+    assert changed  # the LoRA did touch the weights
