@@ -17,6 +17,9 @@ Printed figures:
                 generated and scored image.
 * reload cost - what loading the pipeline per checkpoint would add (load x checkpoints), the
                 reason one job holds several checkpoints (`eval.checkpoints_per_job`).
+* strengths   - the largest cell again with 1, 2, 4 LoRA strengths (`eval.lora_scales`): the
+                seconds per extra strength (its images plus a re-weight, no LoRA load) against
+                the LoRA swap's b.
 
 Run it:
 
@@ -162,6 +165,34 @@ def main() -> None:
         print(
             f"reloading the pipeline per checkpoint would add {load:.2f} s per checkpoint "
             f"({load / max(per_image, 1e-9):.0f} images' worth)"
+        )
+
+        # extra strengths: the same LoRA re-weighted (set_adapters), never reloaded
+        checkpoints, pairs = max(args.checkpoints), max(args.pairs)
+        by_count = []
+        for scales in ([1.0], [1.0, 1.5], [0.5, 1.0, 1.5, 2.0]):
+            evaluator.params = params.model_copy(
+                update={"eval": params.eval.model_copy(update={"lora_scales": scales})}
+            )
+            t0 = time.perf_counter()
+            frame = evaluate_group(
+                evaluator.params,
+                "bench",
+                list(range(1, checkpoints + 1)),
+                validation[pairs],
+                root / "train",
+                root / f"scales-{len(scales)}",
+                evaluator=evaluator,
+            )
+            by_count.append((len(scales), time.perf_counter() - t0))
+            assert len(frame) == checkpoints * pairs * len(scales)
+        counts, totals = (np.array(v, dtype=float) for v in zip(*by_count, strict=True))
+        per_strength = np.polyfit(counts, totals, 1)[0] / checkpoints
+        print(
+            f"strengths ({checkpoints} ckpts x {pairs} pairs): "
+            + ", ".join(f"{n} -> {t:.2f} s" for n, t in by_count)
+            + f"; an extra strength costs {per_strength:.3f} s per checkpoint "
+            f"({per_strength / pairs:.3f} s per image), a LoRA swap {per_swap:.3f} s"
         )
 
 

@@ -147,15 +147,17 @@ def test_nan_images_are_failures(trained, tmp_path, monkeypatch):
 
 def _summary(steps: dict[int, dict]) -> dict:
     out = {"one": {}}
-    for step, values in steps.items():
+    for step, values in steps.items():  # at one strength, 1
         out["one"][str(step)] = {
-            "identity_sim": None,
-            "lpips": None,
-            "bg_ssim": None,
-            "clip_score": None,
-            "pairs": 4,
-            "failed": 0,
-            **values,
+            "1": {
+                "identity_sim": None,
+                "lpips": None,
+                "bg_ssim": None,
+                "clip_score": None,
+                "pairs": 4,
+                "failed": 0,
+                **values,
+            }
         }
     return out
 
@@ -174,12 +176,13 @@ def test_summary_means_use_every_row_where_the_metric_was_computed():
                 "bg_ssim": np.nan,
             },
         ]
-    ).assign(lpips=np.nan, clip_score=np.nan)
+    ).assign(lpips=np.nan, clip_score=np.nan, scale=1.0)
     summary = report.summarize(frame)
-    assert summary["one"]["2"]["bg_ssim"] == pytest.approx(0.6)
-    assert summary["one"]["2"]["identity_sim"] == pytest.approx(0.9)
-    assert summary["one"]["2"]["failed"] == 1 and summary["one"]["2"]["pairs"] == 2
-    assert summary["one"]["4"]["bg_ssim"] is None and summary["one"]["4"]["failed"] == 1
+    two, four = summary["one"]["2"]["1"], summary["one"]["4"]["1"]
+    assert two["bg_ssim"] == pytest.approx(0.6)
+    assert two["identity_sim"] == pytest.approx(0.9)
+    assert two["failed"] == 1 and two["pairs"] == 2
+    assert four["bg_ssim"] is None and four["failed"] == 1
 
 
 def test_choice_is_non_monotonic_and_constraints_come_first(tmp_path):
@@ -254,7 +257,7 @@ def test_reports_choice_and_final_lora(trained, tmp_path):
     )
     assert set(summary) >= {"base", "one", "metrics", "chosen"}
     assert summary["chosen"]["one"]["step"] == choice["step"]
-    assert summary["one"]["2"]["failed"] == 2 and summary["one"]["4"]["pairs"] == 2
+    assert summary["one"]["2"]["1"]["failed"] == 2 and summary["one"]["4"]["1"]["pairs"] == 2
     frame = pd.read_csv(results / "eval" / "metrics.csv")
     assert len(frame) == 6
     for path in ("plots/one.png", "contact/one.png"):
@@ -292,10 +295,13 @@ def test_the_evaluation_table_marks_the_choice_and_unavailable_metrics(tmp_path)
     params = validate_params({"phases": [{"name": "one", "steps": 4}]})
     entry = {"identity_sim": 0.9, "lpips": None, "bg_ssim": 0.95, "clip_score": None}
     summary = {
-        "base": {"0": {**entry, "pairs": 2, "failed": 0}},
-        "one": {"2": {**entry, "pairs": 2, "failed": 1}, "4": {**entry, "pairs": 2, "failed": 0}},
+        "base": {"0": {"0": {**entry, "pairs": 2, "failed": 0}}},
+        "one": {
+            "2": {"1": {**entry, "pairs": 2, "failed": 1}},
+            "4": {"1": {**entry, "pairs": 2, "failed": 0}},
+        },
         "metrics": {"lpips": {"available": False, "reason": "no backbone"}},
-        "chosen": {"one": {"step": 4}},
+        "chosen": {"one": {"step": 4, "scale": 1.0}},
     }
     text = format_evaluation(summary, tmp_path, params)
     assert "one @ 4 *" in text and "one @ 2 *" not in text and "1/2" in text

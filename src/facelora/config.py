@@ -654,7 +654,9 @@ class EvalParams(Section):
     resolution: PositiveInt = 1024  # generated images: about this many pixels squared
     steps: PositiveInt = 28  # sampling steps
     guidance: float | None = 4.0  # None: no classifier-free guidance
-    lora_scale: float = 1.0
+    lora_scale: Annotated[float, Field(ge=0.0)] = 1.0  # the strength when lora_scales is None
+    # every strength to score each checkpoint at (one LoRA load, re-weighted); None: [lora_scale]
+    lora_scales: list[Annotated[float, Field(ge=0.0)]] | None = None
     seed: int | None = None  # None: the top-level seed
     use_ema: bool = False  # judge (and ship) the EMA weights instead of the raw ones
     checkpoints_per_job: PositiveInt = 1  # a job loads the model once and swaps LoRAs
@@ -664,6 +666,29 @@ class EvalParams(Section):
     clip_model: str | None = None  # a local CLIP folder; None: CLIP score unavailable
     bg_mask_dilation: Annotated[float, Field(ge=0.0, le=2.0)] = 0.25
     analysis_size: Annotated[int, Field(ge=64)] = 512  # LPIPS and SSIM: the longer side
+
+    @model_validator(mode="after")
+    def _scales_agree(self) -> EvalParams:
+        given = self.lora_scales
+        if given is None:
+            return self
+        if not given:
+            raise ValueError("eval.lora_scales: list at least one strength, or null: [lora_scale]")
+        if len(set(given)) != len(given):
+            raise ValueError(f"eval.lora_scales {given}: a strength is listed twice")
+        # lora_scale stays the reference strength: its rows must be what single-scale
+        # evaluation gives, so a list that leaves it out contradicts it
+        if self.lora_scale not in given:
+            raise ValueError(
+                f"eval.lora_scale {self.lora_scale} is not in eval.lora_scales {given}: add it "
+                "to the list, set lora_scale to one of them, or set lora_scales: null"
+            )
+        return self
+
+    @property
+    def scales(self) -> list[float]:
+        """The strengths every checkpoint is scored at, ascending."""
+        return sorted(self.lora_scales) if self.lora_scales is not None else [self.lora_scale]
 
 
 class ObjectiveParams(Section):

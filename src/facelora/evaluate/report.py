@@ -1,9 +1,10 @@
 """Evaluation results in one place: the metrics table, per-checkpoint means, plots, contact
-sheets, and the best checkpoint of each phase (the choice and its reason written down). The
-paths are the results layout's (facelora.registry.layout): each phase's `best.json`, and
+sheets, and the best (checkpoint, strength) of each phase (the choice and its reason written
+down). Means are per (step, eval strength): `summary[phase][step][scale_key(scale)]`. The paths
+are the results layout's (facelora.registry.layout): each phase's `best.json`, and
 `eval/metrics.csv`, `eval/summary.json` (DVC metrics), `eval/plots/PHASE.png` (each metric
-against step, the base model dashed), `eval/contact/PHASE.png` (source | target | base | each
-checkpoint, per pair).
+against step, one line per strength, the base model dashed), `eval/contact/PHASE.png`
+(source | target | base | each checkpoint at each strength, per pair).
 """
 
 from __future__ import annotations
@@ -22,18 +23,29 @@ from PIL import Image, ImageDraw
 
 from facelora.config import Params
 from facelora.errors import SettingsError
-from facelora.evaluate.run import COLUMNS, lora_file
+from facelora.evaluate.run import COLUMNS, lora_file, scale_key
 from facelora.io.atomic import atomic_path, write_csv, write_json
 from facelora.registry.layout import BASE, Layout
 from facelora.registry.scores import EVAL_METRICS
 
 
 def gather(tables: list[Path]) -> pd.DataFrame:
-    frames = [pd.read_csv(t) for t in tables if t.is_file()]
+    frames = []
+    for table in tables:
+        if not table.is_file():
+            continue
+        frame = pd.read_csv(table)
+        if "scale" not in frame.columns:  # written before rows recorded their strength
+            raise SettingsError(
+                f"{table} has no `scale` column (an evaluation from an older facelora): "
+                "evaluate again (snakemake --forcerun evaluate evaluate_base)"
+            )
+        frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     frame = pd.concat(frames, ignore_index=True)
-    return frame.sort_values(["phase", "step", "pair_id"], kind="stable").reset_index(drop=True)
+    order = ["phase", "step", "scale", "pair_id"]
+    return frame.sort_values(order, kind="stable").reset_index(drop=True)
 
 
 def _mean(values: pd.Series) -> float | None:
@@ -43,15 +55,23 @@ def _mean(values: pd.Series) -> float | None:
 
 
 def summarize(frame: pd.DataFrame) -> dict:
-    """{phase: {step: {metric: mean, ..., "pairs", "failed"}}}. A metric's mean is over the
-    rows where it was computed: a pair whose output has no face still has a background SSIM.
-    Failed pairs are counted, and the choice scores them as failures."""
+    """{phase: {step: {scale: {metric: mean, ..., "pairs", "failed"}}}}, scale spelled by
+    scale_key (the base model: step 0, scale 0). A metric's mean is over the rows where it was
+    computed: a pair whose output has no face still has a background SSIM. Failed pairs are
+    counted, and the choice scores them as failures."""
     out: dict = {}
-    for (phase, step), group in frame.groupby(["phase", "step"], sort=True):
+    for (phase, step, scale), group in frame.groupby(["phase", "step", "scale"], sort=True):
         entry = {m: _mean(group[m]) for m in EVAL_METRICS}
         entry.update(pairs=len(group), failed=int((group["status"] != "ok").sum()))
-        out.setdefault(str(phase), {})[str(int(step))] = entry
+        steps = out.setdefault(str(phase), {})
+        steps.setdefault(str(int(step)), {})[scale_key(scale)] = entry
     return out
+
+
+def entries(steps: dict) -> list[tuple[int, float, dict]]:
+    """(step, scale, means) of one phase's summary, by step then strength."""
+    found = [(int(st), float(sc), e) for st, by in steps.items() for sc, e in by.items()]
+    return sorted(found, key=lambda t: (t[0], t[1]))
 
 
 def score(entry: dict, params: Params) -> tuple[float, list[str]]:
@@ -77,32 +97,34 @@ def score(entry: dict, params: Params) -> tuple[float, list[str]]:
 
 
 def choose(phase: str, summary: dict, params: Params, train_dir: Path) -> dict:
-    """The best checkpoint of a phase: among those meeting every constraint the highest score;
-    if none meets them, the highest score anyway, and the choice says so."""
+    """The best (checkpoint, strength) of a phase: among those meeting every constraint the
+    highest score; if none meets them, the highest score anyway, and the choice says so. Ties
+    go to the earlier step, then to the strength nearest 1 (the one it was trained at)."""
     steps = summary.get(phase, {})
     if not steps:
         raise SettingsError(f"no evaluation rows for phase {phase}: evaluate it first")
     table = []
-    for step, entry in steps.items():
+    for step, scale, entry in entries(steps):
         value, violations = score(entry, params)
         table.append(
             {
-                "step": int(step),
+                "step": step,
+                "scale": scale,
                 "score": round(value, 6),
                 "violations": violations,
                 **{m: entry.get(m) for m in EVAL_METRICS},
                 "failed": entry["failed"],
+                "pairs": entry["pairs"],
             }
         )
-    meeting = [
-        t for t in table if not t["violations"] and t["failed"] < steps[str(t["step"])]["pairs"]
-    ]
+    meeting = [t for t in table if not t["violations"] and t["failed"] < t["pairs"]]
     pool = meeting or table
-    best = max(pool, key=lambda t: (t["score"], -t["step"]))
+    best = max(pool, key=lambda t: (t["score"], -t["step"], -abs(t["scale"] - 1.0)))
+    what = "checkpoints" if len({t["scale"] for t in table}) == 1 else "(checkpoint, strength)s"
     if meeting:
         reason = (
             f"highest score ({best['score']:.4f}) among the {len(meeting)} of {len(table)} "
-            f"checkpoints that meet every constraint"
+            f"{what} that meet every constraint"
         )
     else:
         reason = (
@@ -113,27 +135,34 @@ def choose(phase: str, summary: dict, params: Params, train_dir: Path) -> dict:
     return {
         "phase": phase,
         "step": best["step"],
+        # the strength to load it with; the file itself is the checkpoint as trained
+        "scale": best["scale"],
         "lora": str(lora),
         "weights": "ema" if params.eval.use_ema else "raw",
         "score": best["score"],
         "reason": reason,
         "objective": params.objective.model_dump(mode="json"),
-        "checkpoints": sorted(table, key=lambda t: t["step"]),
+        "checkpoints": table,
     }
 
 
 def plot_phase(phase: str, summary: dict, out: Path) -> None:
-    steps = summary.get(phase, {})
-    base = next(iter(summary.get(BASE, {}).values()), {})
+    found = entries(summary.get(phase, {}))
+    base = next((e for _, _, e in entries(summary.get(BASE, {}))), {})
+    scales = sorted({scale for _, scale, _ in found})
     metrics = list(EVAL_METRICS)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
-    xs = sorted(int(s) for s in steps)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        ys = [steps[str(x)].get(metric) for x in xs]
-        ys = [np.nan if y is None else y for y in ys]
-        if np.isfinite(ys).any():
-            ax.plot(xs, ys, marker="o", color="C0", label=phase)
-        else:
+        drawn = False
+        for i, scale in enumerate(scales):  # one line per strength
+            xs = [st for st, sc, _ in found if sc == scale]
+            ys = [e.get(metric) for _, sc, e in found if sc == scale]
+            ys = [np.nan if y is None else y for y in ys]
+            if np.isfinite(ys).any():
+                label = phase if len(scales) == 1 else f"{phase} x{scale_key(scale)}"
+                ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
+                drawn = True
+        if not drawn:
             ax.text(0.5, 0.5, "unavailable", ha="center", va="center", transform=ax.transAxes)
         if base.get(metric) is not None:
             ax.axhline(base[metric], color="grey", linestyle="--", label="base model")
@@ -158,9 +187,15 @@ def contact_sheet(
 
     rows = frame[frame["phase"] == phase]
     base = frame[frame["phase"] == BASE]
-    steps = sorted(rows["step"].unique())
+    runs = sorted({(int(a), float(b)) for a, b in zip(rows["step"], rows["scale"], strict=True)})
     manifest = {m["pair_id"]: m for m in read_manifest(validation)}
-    labels = ["source", "target", "base", *[f"step {s}" for s in steps]]
+    several = len({sc for _, sc in runs}) > 1
+    labels = [
+        "source",
+        "target",
+        "base",
+        *[f"step {st}" + (f" x{scale_key(sc)}" if several else "") for st, sc in runs],
+    ]
     pairs = sorted(manifest)
     sheet = Image.new("RGB", (tile * len(labels), 18 + tile * len(pairs)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -176,8 +211,10 @@ def contact_sheet(
             draw.rectangle([box, (box[0] + tile - 1, box[1] + tile - 1)], outline="red")
             draw.text((box[0] + 4, box[1] + tile // 2), "failed", fill="red")
 
-    def image_of(table: pd.DataFrame, phase_dir: str, pair_id: str, step) -> Path | None:
-        hit = table[(table["pair_id"] == pair_id) & (table["step"] == step)]
+    def image_of(table: pd.DataFrame, phase_dir: str, pair_id: str, step, scale) -> Path | None:
+        hit = table[
+            (table["pair_id"] == pair_id) & (table["step"] == step) & (table["scale"] == scale)
+        ]
         if hit.empty or not isinstance(hit.iloc[0]["image"], str):
             return None
         return Path(layout.eval_phase_dir(phase_dir)) / hit.iloc[0]["image"]
@@ -185,9 +222,9 @@ def contact_sheet(
     for r, pid in enumerate(pairs):
         paste(validation / manifest[pid]["start"], r, 0)
         paste(validation / manifest[pid]["end"], r, 1)
-        paste(image_of(base, BASE, pid, 0), r, 2)
-        for c, step in enumerate(steps, start=3):
-            paste(image_of(rows, phase, pid, step), r, c)
+        paste(image_of(base, BASE, pid, 0, 0.0), r, 2)
+        for c, (step, scale) in enumerate(runs, start=3):
+            paste(image_of(rows, phase, pid, step, scale), r, c)
     with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")
 
@@ -208,6 +245,7 @@ def write_choice(phase: str, params: Params, layout: Layout, out: Path) -> dict:
         choice = {
             "phase": BASE,
             "step": 0,
+            "scale": 0.0,
             "lora": None,
             "weights": "none",
             "score": None,
@@ -241,13 +279,16 @@ def write_report(
     backends = Path(layout.metric_backends(layout.base_dir()))
     if backends.is_file():  # which model computed each metric, or why it could not
         summary["metrics"] = json.loads(backends.read_text())
-    # each phase's chosen checkpoint with its means: what `dvc exp show` puts beside the params
+    # each phase's chosen checkpoint and strength with its means: what `dvc exp show` puts
+    # beside the params
     chosen = {}
     for phase in params.phase_names:
         best = Path(layout.best(phase))
         if best.is_file():
-            step = json.loads(best.read_text())["step"]
-            chosen[phase] = {"step": step, **summary.get(phase, {}).get(str(step), {})}
+            choice = json.loads(best.read_text())
+            step, scale = choice["step"], choice["scale"]
+            means = summary.get(phase, {}).get(str(step), {}).get(scale_key(scale), {})
+            chosen[phase] = {"step": step, "scale": scale, **means}
     summary["chosen"] = chosen
     write_json(summary_out, summary, sort_keys=False)
     for phase in params.phase_names:

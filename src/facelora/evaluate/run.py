@@ -1,8 +1,10 @@
 """Evaluate checkpoints: generate every validation edit with the real pipeline + the LoRA,
-score it, and write one row per (checkpoint, pair).
+score it, and write one row per (checkpoint, strength, pair).
 
 A job loads the pipeline and the metric models once and swaps LoRAs for each of its
-checkpoints (`eval.checkpoints_per_job`). Nothing is dropped: a missing or corrupt checkpoint,
+checkpoints (`eval.checkpoints_per_job`); each LoRA is loaded once and re-weighted for every
+strength of `eval.lora_scales` (the `scale` column; the base model's rows have scale 0, what
+a LoRA at strength 0 is). Nothing is dropped: a missing or corrupt checkpoint,
 a LoRA of another model, a NaN image or an output without a face each give rows with
 status `failed` and the reason, scored as failures by the choice.
 """
@@ -37,6 +39,7 @@ COLUMNS = [
     "step",
     "weights",
     "checkpoint",
+    "scale",
     "pair_id",
     "image",
     "status",
@@ -45,6 +48,14 @@ COLUMNS = [
     "seconds",
     *BACKEND_COLUMNS,
 ]
+
+
+BASE_SCALE = 0.0  # the base model's rows: a LoRA at strength 0 is the model alone
+
+
+def scale_key(scale: float) -> str:
+    """A strength as summary.json's keys and image folders spell it: 1.0 -> "1", 1.25 -> "1.25"."""
+    return f"{float(scale):g}"
 
 
 @dataclass
@@ -115,13 +126,14 @@ class Evaluator:
         self.metrics = metrics
         self.seed = params.eval.seed if params.eval.seed is not None else params.seed
 
-    def _row(self, phase, step, weights, checkpoint, pair, **values) -> dict:
+    def _row(self, phase, step, weights, checkpoint, scale, pair, **values) -> dict:
         row = dict.fromkeys(COLUMNS, None)
         row.update(
             phase=phase,
             step=step,
             weights=weights,
             checkpoint=checkpoint,
+            scale=float(scale),
             pair_id=pair.pair_id,
             **values,
         )
@@ -133,20 +145,40 @@ class Evaluator:
     def evaluate(
         self, phase: str, step: int, lora: Path | None, pairs: list[ValidationPair], out: Path
     ) -> list[dict]:
-        """Rows for one checkpoint (lora None: the base model)."""
-        from facelora.models.inference import apply_lora, generate, remove_lora
+        """Rows for one checkpoint at every strength of eval.lora_scales (lora None: the base
+        model, once, at scale 0). The LoRA is loaded once and re-weighted per strength; every
+        strength uses the same seeds, so its rows are what a single-strength run gives."""
+        from facelora.models.inference import apply_lora, remove_lora, set_lora_scale
 
         e = self.params.eval
         weights = "none" if lora is None else ("ema" if e.use_ema else "raw")
         shown = None if lora is None else str(lora)
-        row = functools.partial(self._row, phase, step, weights, shown)  # this checkpoint's rows
-        if lora is not None:
-            why = _check_lora(lora, self.pipe.transformer)
-            if why is not None:
-                return [row(p, status="failed", note=why) for p in pairs]
-            apply_lora(self.pipe, lora, scale=e.lora_scale)
-        else:
+        if lora is None:
             remove_lora(self.pipe)
+            row = functools.partial(self._row, phase, step, weights, shown, BASE_SCALE)
+            return self._generate(row, pairs, out, BASE)
+        scales = e.scales
+        why = _check_lora(lora, self.pipe.transformer)
+        if why is not None:
+            return [
+                self._row(phase, step, weights, shown, s, p, status="failed", note=why)
+                for s in scales
+                for p in pairs
+            ]
+        apply_lora(self.pipe, lora, scale=scales[0])
+        rows = []
+        for scale in scales:
+            set_lora_scale(self.pipe, scale)
+            row = functools.partial(self._row, phase, step, weights, shown, scale)
+            folder = f"step-{step:06d}/scale-{scale_key(scale)}"
+            rows.extend(self._generate(row, pairs, out, folder))
+        return rows
+
+    def _generate(self, row, pairs: list[ValidationPair], out: Path, folder: str) -> list[dict]:
+        """Generate and score every pair with the pipeline as it stands; images in `folder`."""
+        from facelora.models.inference import generate
+
+        e = self.params.eval
         rows = []
         for i, pair in enumerate(pairs):
             t0 = time.perf_counter()
@@ -176,7 +208,7 @@ class Evaluator:
                 )
                 continue
             image = Image.fromarray(np.clip(np.rint(array * 255), 0, 255).astype(np.uint8))
-            name = f"{BASE if lora is None else f'step-{step:06d}'}/{pair.pair_id}.png"
+            name = f"{folder}/{pair.pair_id}.png"
             write_png(out / name, np.asarray(image.convert("RGB")))
             target = Image.open(pair.end).convert("RGB")
             reference = refs[0] if refs else None

@@ -6,7 +6,8 @@ sees is what a user of the released LoRA gets with `pipe.load_lora_weights(...)`
 
 - `load_pipeline(family, path, dtype, device)`: the family's pipeline class from a local
   model folder (checked like training checks it, never downloaded).
-- `apply_lora(pipe, lora_file, scale)` / `remove_lora(pipe)`: a saved LoRA file on and off.
+- `apply_lora(pipe, lora_file, scale)` / `remove_lora(pipe)`: a saved LoRA file on and off;
+  `set_lora_scale(pipe, scale)` changes its strength in place (evaluation's eval.lora_scales).
 - `generate(pipe, start, references, caption, ...)`: the start image first, then the
   references (training's order), a seeded generator, explicit size, the PIL image back.
 """
@@ -58,6 +59,11 @@ def apply_lora(pipe: Any, lora_file: str | Path, scale: float = 1.0) -> None:
     pipe.load_lora_weights(
         str(lora_file.parent), weight_name=lora_file.name, adapter_name=LORA_ADAPTER
     )
+    set_lora_scale(pipe, scale)
+
+
+def set_lora_scale(pipe: Any, scale: float) -> None:
+    """Re-weight the LoRA apply_lora loaded, without reloading it (peft only rescales it)."""
     pipe.set_adapters([LORA_ADAPTER], adapter_weights=[float(scale)])
 
 

@@ -1,5 +1,6 @@
 """The final LoRA: the chosen checkpoint of the last phase, in both key layouts, with a model
-card that says what made it (base model, data, settings, metrics, the choice of each phase).
+card that says what made it (base model, data, settings, metrics, the choice of each phase)
+and the strength to load it with (the chosen eval strength; the files stay as trained).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def base_metrics(layout: Layout) -> dict:
     if not summary.is_file():
         return {}
     base = json.loads(summary.read_text()).get("base", {})
-    entry = next(iter(base.values()), {})
+    by_scale = next(iter(base.values()), {})  # {"0": {"0": means}}: step 0, strength 0
+    entry = next(iter(by_scale.values()), {})
     return {k: entry.get(k) for k in EVAL_METRICS}
 
 
@@ -50,6 +52,7 @@ def build_final(params: Params, results: Path, out: Path) -> dict:
     last = params.phase_names[-1]
     choice = json.loads(Path(layout.best(last)).read_text())
     source = Path(choice["lora"])
+    scale = float(choice["scale"])
     tensors, meta = lora_io.read_lora(source)
     alpha = float(meta.get("lora_alpha", params.lora.scale_alpha))
     out.mkdir(parents=True, exist_ok=True)
@@ -70,22 +73,28 @@ def build_final(params: Params, results: Path, out: Path) -> dict:
         shutil.copyfile(source, building / lora_io.DIFFUSERS_WEIGHTS)
         exports.save_comfyui(building, tensors, alpha, params.model.family)
     if params.final.fuse:  # deployment without peft: the transformer with the LoRA added
-        from facelora.release.merge import fuse_and_save
+        from facelora.release.merge import fuse_and_save, merge_loras
 
+        # a fused model has no strength to set later: fuse at the chosen one
+        at_scale = merge_loras(
+            [(building / lora_io.DIFFUSERS_WEIGHTS, scale)],
+            normalize=False,
+            family=params.model.family,
+        )
         fuse_and_save(
-            params.model.family,
-            params.model.path,
-            building / lora_io.DIFFUSERS_WEIGHTS,
-            building / "transformer_fused",
+            params.model.family, params.model.path, at_scale, building / "transformer_fused"
         )
     choices = {}
     for phase in params.phase_names:
         best = Path(layout.best(phase))
         if best.is_file():
             c = json.loads(best.read_text())
-            choices[phase] = {k: c[k] for k in ("step", "score", "reason", "weights")}
-    chosen = next(t for t in choice["checkpoints"] if t["step"] == choice["step"])
+            choices[phase] = {k: c[k] for k in ("step", "scale", "score", "reason", "weights")}
+    chosen = next(
+        t for t in choice["checkpoints"] if t["step"] == choice["step"] and t["scale"] == scale
+    )
     info = {
+        "scale": scale,  # load with this strength (set_adapters / ComfyUI's strength_model)
         "base_model": {
             "family": params.model.family,
             "path": params.model.path,
@@ -139,10 +148,25 @@ def files_section(family: str, fused: bool) -> list[str]:
     ]
     if fused:
         lines.append(
-            "- `transformer_fused/`: the transformer with the LoRA added into its weights, "
-            "for deployment without peft (a diffusers model folder)."
+            "- `transformer_fused/`: the transformer with the LoRA added into its weights at "
+            "the strength below, for deployment without peft (a diffusers model folder)."
         )
     return lines
+
+
+def strength_section(scale: float) -> list[str]:
+    """How strongly to apply the LoRA: the strength evaluation chose (eval.lora_scales)."""
+    return [
+        f"## Load with strength {scale:g}",
+        "",
+        f"Validation scored this checkpoint best at LoRA strength {scale:g} (the files are the "
+        "checkpoint as trained, at strength 1).",
+        "",
+        f"- ComfyUI: set `strength_model` to {scale:g} on the LoRA loader node (LoraLoader / "
+        "LoraLoaderModelOnly).",
+        f'- diffusers: `pipe.load_lora_weights("<this folder>", adapter_name="face")`, then '
+        f'`pipe.set_adapters(["face"], adapter_weights=[{scale:g}])`.',
+    ]
 
 
 def model_card(info: dict, params: Params) -> str:
@@ -155,6 +179,8 @@ def model_card(info: dict, params: Params) -> str:
         f"Trigger word: `{params.captions.trigger}`; LoRA rank {info['lora']['rank']}, "
         f"alpha {info['lora']['alpha']}, preset {info['lora']['preset']}.",
         "",
+        *strength_section(info["scale"]),
+        "",
         *files_section(info["base_model"]["family"], params.final.fuse),
         "",
         "## Validation metrics of this checkpoint (base model without LoRA in brackets)",
@@ -164,7 +190,8 @@ def model_card(info: dict, params: Params) -> str:
         "## How each phase's checkpoint was chosen",
         "",
         *[
-            f"- {p}: step {c['step']} ({c['weights']}), score {c['score']}: {c['reason']}"
+            f"- {p}: step {c['step']} ({c['weights']}) at strength {c['scale']:g}, "
+            f"score {c['score']}: {c['reason']}"
             for p, c in info["choices"].items()
         ],
         "",

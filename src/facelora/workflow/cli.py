@@ -791,10 +791,18 @@ def format_evaluation(summary: dict, results: str | Path, params) -> str:
     lines = ["\nevaluation (means over the validation pairs; n/a: unavailable or all failed):"]
     lines.append(f"  {'run':<22}" + "".join(f"{m:>12}" for m in EVAL_METRICS) + "  failed")
     for phase in ["base", *params.phase_names]:
-        chosen = summary.get("chosen", {}).get(phase, {}).get("step")
-        for step, entry in sorted(summary.get(phase, {}).items(), key=lambda kv: int(kv[0])):
-            mark = " *" if chosen is not None and int(step) == chosen else ""
-            name = phase if phase == "base" else f"{phase} @ {step}{mark}"
+        chosen = summary.get("chosen", {}).get(phase, {})
+        # summary[phase][step][strength]: report.entries' order, without importing matplotlib
+        found = sorted(
+            (int(st), float(sc), e)
+            for st, by in summary.get(phase, {}).items()
+            for sc, e in by.items()
+        )
+        several = len({scale for _, scale, _ in found}) > 1  # else the strength goes unsaid
+        for step, scale, entry in found:
+            hit = chosen.get("step") == step and chosen.get("scale", scale) == scale
+            strength = f" x{scale:g}" if several else ""
+            name = phase if phase == "base" else f"{phase} @ {step}{strength}{' *' if hit else ''}"
             lines.append(
                 f"  {name:<22}"
                 + "".join(cell(entry.get(m)) for m in EVAL_METRICS)
@@ -807,7 +815,9 @@ def format_evaluation(summary: dict, results: str | Path, params) -> str:
     }
     for metric, reason in unavailable.items():
         lines.append(f"  {metric} unavailable: {reason}")
-    lines.append(f"  * the chosen checkpoint of each phase ({layout.best('<phase>')})")
+    lines.append(
+        f"  * the chosen checkpoint of each phase ({layout.best('<phase>')}); xS: LoRA strength S"
+    )
     lines.append(
         f"plots: {layout.eval_plot('<phase>')}, contact sheets: {layout.contact_sheet('<phase>')}"
     )
