@@ -74,3 +74,16 @@ rule gather_synthesis:
 rule synthesis:
     input:
         expand(L.synthesis_manifest(), kind=KINDS),
+    output:
+        L.synthesis_summary(),
+    log:
+        "logs/synthesis.log",
+    conda:
+        ENV
+    resources:
+        **job_resources(P, "data"),
+    params:
+        settings=command_settings(P, "synthesis-summary"),
+        made=lambda w: MADE,
+    shell:
+        "facelora synthesis-summary --made {params.made} --out {output} > {log} 2>&1"

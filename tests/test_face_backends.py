@@ -361,3 +361,16 @@ def test_ultralytics_import_stays_offline_and_out_of_home(tmp_path):
     assert report == {"online": False, "config": report["config"], "attempts": []}
     assert Path(report["config"]).is_relative_to(tmp)
     assert list(home.iterdir()) == []
+
+
+def test_importing_the_ultralytics_backend_leaves_pil_open_alone():
+    """ultralytics patches PIL.Image.open to pip-install pi-heif on unreadable files; after
+    the backend's import an unreadable file is PIL's own error again (a recorded rejection)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    import facelora.prepare.faces.ultralytics_backend  # noqa: F401
+
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(io.BytesIO(b"hello world"))

@@ -22,7 +22,7 @@ import pandas as pd
 from facelora.config import Params
 from facelora.io.atomic import atomic_path, write_json
 from facelora.io.datasets import read_manifest
-from facelora.prepare.synthesis.made import read_manifest as read_made
+from facelora.prepare.synthesis.made import made_counts
 from facelora.registry.layout import Layout
 from facelora.registry.scores import SCORE_COLUMNS
 
@@ -44,12 +44,8 @@ def _reasons(frame: pd.DataFrame) -> dict[str, int]:
 
 def _made_counts(layout: Layout, kind: str) -> dict:
     """A synthesis kind's pairs made, failed (with reasons) and sources left out."""
-    rows = list(read_made(layout.synthesis_manifest(kind)))
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
-    counts["unscored"] = sum(bool(r.get("score_failure")) for r in rows)
-    reasons = [r["reason"] for r in rows if r["status"] != "ok"]
-    reasons += [f"VLM score: {r['score_failure']}" for r in rows if r.get("score_failure")]
-    return {**counts, "reasons": _reasons(pd.DataFrame({"reason": reasons}))}
+    counts = made_counts(layout.synthesis_manifest(kind))
+    return {**counts, "reasons": _reasons(pd.DataFrame({"reason": counts["reasons"]}))}
 
 
 def collect(layout: Layout, params: Params) -> dict:

@@ -109,6 +109,10 @@ class Layout:
     def synthesis_shard_faces(self, kind: object = "{kind}", shard: object = "{shard}") -> str:
         return self._p("synthesis", kind, "shards", f"{shard}.faces.parquet")
 
+    def synthesis_summary(self) -> str:
+        """Per kind: pairs made, failed, left out, unrated by the VLM."""
+        return self._p("synthesis", "summary.json")
+
     def synthesis_cache_dir(self) -> str:
         """Finished model answers (generator images, VLM scores), keyed by their inputs."""
         return self._p("synthesis", "cache")

@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="INDEX/COUNT: only this shard's pairs")
     p.add_argument("--workers", type=int, default=None, help="processes (workflow.workers)")
 
+    p = sub.add_parser("synthesis-summary", help="count each synthesis kind's pairs")
+    p.add_argument("--made", type=Path, nargs="*", default=[], help="the kinds' folders")
+    p.add_argument("--out", type=Path, required=True, help="the counts (.json)")
+
     p = sub.add_parser(
         "score", help="rate a pair folder's pairs with the VLM rubric (into its manifest.jsonl)"
     )
@@ -423,6 +427,19 @@ def cmd_synthesize(args, params) -> int:
         synthesize_shard(args.kind, *tables, args.out, out, params, (0, 1), workers, cache, editor)
         stats = gather_synthesis([out], args.out)
     print(json.dumps(stats))
+    return 0
+
+
+def cmd_synthesis_summary(args, params) -> int:
+    from facelora.io.atomic import write_json
+    from facelora.prepare.synthesis.made import MANIFEST, MadeFolder, made_counts
+
+    counts = {}
+    for folder in args.made:
+        counts[MadeFolder.at(folder).kind] = made_counts(folder / MANIFEST)
+    write_json(args.out, counts)
+    for kind, c in counts.items():
+        print(f"{kind}: {c['ok']} pairs, {c['failed']} failed, {c['skipped']} left out")
     return 0
 
 
@@ -861,6 +878,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "gather synthesis": Command(cmd_gather),
     "score": Command(cmd_score, reads=("synthesis.scorer",)),
+    "synthesis-summary": Command(cmd_synthesis_summary),
     "pair-index": Command(cmd_pair_index, reads=("images", "pairs", "faces")),
     # the VLM scorer: its rubric makes pair columns and weighs into quality (other_pairs:
     # the pair step asks it)

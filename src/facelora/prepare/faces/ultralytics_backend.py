@@ -34,6 +34,22 @@ def _offline_environment() -> None:
 _offline_environment()
 
 from ultralytics import YOLO  # noqa: E402  (must follow the environment set-up above)
+from ultralytics.utils import patches as _patches  # noqa: E402
+
+
+def _restore_pil_open() -> None:
+    """Importing ultralytics replaces PIL.Image.open, process-wide, with an opener that on
+    any unreadable file tries to install pi-heif and then fails with ModuleNotFoundError;
+    facelora records unreadable files as rejections and installs nothing, so the original
+    opener is put back."""
+    from PIL import Image
+
+    original = getattr(_patches, "_image_open", None)
+    if original is not None and Image.open is not original:
+        Image.open = original
+
+
+_restore_pil_open()
 
 FACE_CLASS = "face"
 

@@ -107,5 +107,21 @@ class MadeFolder:
         return self._keyed(read_table(self.folder / IMAGES_TABLE, IMAGES))
 
 
+STATUSES = ("ok", "failed", "skipped")
+
+
+def made_counts(manifest: str | Path) -> dict:
+    """A kind's pairs made, failed and sources left out, pairs the VLM could not rate, and
+    the reasons of each that is not ok."""
+    rows = list(read_manifest(manifest))
+    counts: dict = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    counts["unscored"] = sum(bool(r.get("score_failure")) for r in rows)
+    counts["reasons"] = [r["reason"] for r in rows if r["status"] != "ok"]
+    counts["reasons"] += [
+        f"VLM score: {r['score_failure']}" for r in rows if r.get("score_failure")
+    ]
+    return counts
+
+
 def image_roots(raw: str | Path, made: list[MadeFolder]) -> ImageRoots:
     return ImageRoots(Path(raw), {m.kind: m.folder for m in made})
