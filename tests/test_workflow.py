@@ -201,7 +201,7 @@ def test_dvc_experiment_retrains_and_compares(dvc_project):
     assert {r["lr"] for r in rows if r["rev"] == "workspace"} == {"5e-05"}
     metrics = dvc(project, "metrics", "show").stdout
     assert "funnel.pairs_usable" in metrics
-    assert "broad.4.bg_ssim" in metrics  # per-checkpoint means of the evaluation
+    assert "broad.4.1.bg_ssim" in metrics  # per-checkpoint (and LoRA strength) means
     diff = dvc(project, "metrics", "diff", "--all", "HEAD").stdout
     assert "results/eval/summary.json" in diff
     dvc(project, "plots", "diff", "HEAD", "--out", "dvc_plots")
