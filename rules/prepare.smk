@@ -269,3 +269,4 @@ rule prepare:
         rules.summary.output,
         rules.split.output,
         expand(L.phase_dir(), phase=PHASES),
+        L.synthesis_summary(),
