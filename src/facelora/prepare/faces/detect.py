@@ -28,6 +28,7 @@ from facelora.io.tables import FACES, IMAGES, ParquetRowWriter
 from facelora.prepare.faces.align import face_frame
 from facelora.prepare.faces.backends import FaceBackend, make_backend
 from facelora.prepare.faces.pose import head_pose
+from facelora.prepare.faces.types import Face
 from facelora.prepare.images import ImageRejected, RawFile, decode_image, read_file, scan_images
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,34 @@ def _image_row(rel: str, **values) -> dict:
     row.update(image=rel, n_faces=0, n_small_faces=0)
     row.update(values)
     return row
+
+
+def face_row(
+    rel: str, index: int, face: Face, to_full: float, width: int, height: int, backend: str
+) -> dict:
+    """The faces table's row of one described face (found on a copy `to_full` times smaller
+    than the width x height image the row's coordinates are in)."""
+    box = face.box * to_full
+    landmarks = face.landmarks.astype(np.float64) * to_full
+    yaw, pitch, roll = head_pose(landmarks, width, height)
+    return {
+        "image": rel,
+        "face_index": index,
+        "x0": box[0],
+        "y0": box[1],
+        "x1": box[2],
+        "y1": box[3],
+        "score": face.score,
+        "landmarks": landmarks.tolist(),
+        "embedding": np.asarray(face.embedding, np.float32).tolist(),
+        "face_size": face_frame(landmarks).size,
+        "yaw": yaw,
+        "pitch": pitch,
+        "roll": roll,
+        "image_width": width,
+        "image_height": height,
+        "backend": backend,
+    }
 
 
 def analyse_image(
@@ -125,29 +154,7 @@ def analyse_image(
     faces = backend.describe(loaded.rgb, kept)
     face_rows = []
     for index, face in enumerate(faces):
-        box = face.box * to_full
-        landmarks = face.landmarks.astype(np.float64) * to_full
-        yaw, pitch, roll = head_pose(landmarks, info.width, info.height)
-        face_rows.append(
-            {
-                "image": rel,
-                "face_index": index,
-                "x0": box[0],
-                "y0": box[1],
-                "x1": box[2],
-                "y1": box[3],
-                "score": face.score,
-                "landmarks": landmarks.tolist(),
-                "embedding": face.embedding.tolist(),
-                "face_size": face_frame(landmarks).size,
-                "yaw": yaw,
-                "pitch": pitch,
-                "roll": roll,
-                "image_width": info.width,
-                "image_height": info.height,
-                "backend": backend.name,
-            }
-        )
+        face_rows.append(face_row(rel, index, face, to_full, info.width, info.height, backend.name))
     row["n_faces"] = len(face_rows)
     return row, face_rows
 

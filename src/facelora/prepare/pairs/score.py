@@ -71,17 +71,23 @@ def _numbers(scores: dict) -> dict[str, float]:
     return {k: float(v) for k, v in scores.items() if is_score_column(k)}
 
 
+def _rubric_values(scores: dict) -> dict:
+    """A scorer's answer as the pair keeps it: the numeric vlm_* scores and the description
+    (not e.g. the scorer's model name)."""
+    return {
+        k: v
+        for k, v in scores.items()
+        if (is_score_column(k) and isinstance(v, int | float)) or k == VLM_DESCRIPTION
+    }
+
+
 def made_scores(made: list[MadeFolder]) -> dict[str, dict]:
     """A synthesized pair's end image -> the VLM scores in its manifest row (and the
     description of the change)."""
     out = {}
     for folder in made:
         for row in folder.pairs():
-            found = {
-                k: v
-                for k, v in (row.get("scores") or {}).items()
-                if (is_score_column(k) and isinstance(v, int | float)) or k == VLM_DESCRIPTION
-            }
+            found = _rubric_values(row.get("scores") or {})
             if found:
                 out[folder.key(row["end"])] = found
     return out
@@ -547,11 +553,7 @@ def _score_other_pairs(rows: list[dict], pairs_dir: Path, params: Params) -> Non
     items = [(read(r, "start"), read(r, "end"), r["caption"]) for r in todo]
     for row, result in zip(todo, score_pairs(items, params, pairs_dir / ".cache"), strict=True):
         if isinstance(result, dict):
-            vlm = {
-                k: v
-                for k, v in result.items()
-                if (is_score_column(k) and isinstance(v, int | float)) or k == VLM_DESCRIPTION
-            }
+            vlm = _rubric_values(result)
             row["rubric_scores"] = json.dumps(vlm, sort_keys=True)
             row["quality"] = composite(params, {**row, **_numbers(vlm)})
         else:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from facelora.config import Params
 from facelora.io.naming import short_hash
@@ -191,7 +190,3 @@ def plan(kind: str, sources: list[Source], params: Params) -> tuple[list[Job], l
 
 def _seed(params: Params) -> int:
     return params.seed if params.synthesis.seed is None else params.synthesis.seed
-
-
-def source_frame(sources: list[Source]) -> pd.DataFrame:
-    return pd.DataFrame([s.record() for s in sources])

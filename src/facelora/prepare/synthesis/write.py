@@ -17,11 +17,9 @@ import numpy as np
 
 from facelora.config import Params
 from facelora.io.atomic import atomic_path, link_or_copy, write_text
-from facelora.io.tables import FACES, IMAGES
-from facelora.prepare.faces.align import face_frame
+from facelora.io.tables import IMAGES
 from facelora.prepare.faces.backends import FaceBackend
-from facelora.prepare.faces.detect import analyse_image
-from facelora.prepare.faces.pose import head_pose
+from facelora.prepare.faces.detect import analyse_image, face_row
 from facelora.prepare.faces.types import Detection
 from facelora.prepare.images import RawFile
 from facelora.prepare.synthesis.made import caption_name, end_name, start_name
@@ -76,32 +74,6 @@ def _image_row(file: str, data: bytes, rgb: np.ndarray, n_faces: int) -> dict:
     return row
 
 
-def _face_row(file: str, face, rgb: np.ndarray, backend: FaceBackend) -> dict:
-    h, w = rgb.shape[:2]
-    landmarks = np.asarray(face.landmarks, np.float64)
-    yaw, pitch, roll = head_pose(landmarks, w, h)
-    row = dict.fromkeys(FACES.names)
-    row.update(
-        image=file,
-        face_index=0,
-        x0=float(face.box[0]),
-        y0=float(face.box[1]),
-        x1=float(face.box[2]),
-        y1=float(face.box[3]),
-        score=float(face.score),
-        landmarks=landmarks.tolist(),
-        embedding=np.asarray(face.embedding, np.float32).tolist(),
-        face_size=face_frame(landmarks).size,
-        yaw=yaw,
-        pitch=pitch,
-        roll=roll,
-        image_width=w,
-        image_height=h,
-        backend=backend.name,
-    )
-    return row
-
-
 class PairWriter:
     """Writes pairs of one kind into `folder` (one per worker process)."""
 
@@ -123,7 +95,9 @@ class PairWriter:
         det = Detection(source.box.copy(), source.score, source.landmarks.copy())
         faces = self.backend.describe(rgb, [det])
         self.images.append(_image_row(file, data, rgb, len(faces)))
-        self.faces.extend(_face_row(file, f, rgb, self.backend) for f in faces)
+        h, w = rgb.shape[:2]
+        name = self.backend.name
+        self.faces.extend(face_row(file, i, f, 1.0, w, h, name) for i, f in enumerate(faces))
 
     def _detected(self, file: str, data: bytes) -> None:
         """An image a model made: find its faces like any photo's."""
