@@ -29,11 +29,10 @@ from facelora.evaluate.metrics import (
     LPIPSDistance,
     MetricSettings,
     MetricSuite,
-    default_backbone_path,
-    official_backbone_name,
     ssim_map,
     to_rgb,
 )
+from facelora.models.perceptual import default_backbone_path, official_backbone_name
 from facelora.prepare.pairs.quality import face_mask
 from facelora.registry.scores import METRIC_NAMES
 
