@@ -548,7 +548,7 @@ def test_regularization_images_are_mixed_in_at_the_ratio(tmp_path, tiny_models):
         regularization={"folder": str(reg), "ratio": 2},
     )
     trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
-    kinds = [trainer._next_batch()[0].pair_id.startswith("reg:") for _ in range(9)]
+    kinds = [trainer._next_batch()[0][0].pair_id.startswith("reg:") for _ in range(9)]
     assert kinds == [False, False, True] * 3
     reg_sample = trainer.regularization[0]
     assert (

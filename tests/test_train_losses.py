@@ -50,7 +50,7 @@ def trainer_for(tmp_path, family, model, steps=6, data=None, **train):
 
 def loss_of(trainer, batch, state):
     trainer.noise.set_state(state)  # the same noise and sigma for every call
-    loss, _ = trainer._loss(batch)
+    loss, _, _ = trainer._loss(batch)
     return loss
 
 

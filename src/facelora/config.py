@@ -591,9 +591,48 @@ class RegionWeights(Section):
         return self
 
 
+class IdentityLoss(Section):
+    """1 - cos(f(D(x0)), f(D(x0_pred))): the face embedder f on the decoded target and on the
+    decoded one-step prediction, both aligned with the target's landmarks (docs/losses.md)."""
+
+    weight: Annotated[float, Field(ge=0.0)] = 0.0  # off; the recipe and PixelSmile: 0.1
+    backend: Literal["dlib", "arcface"] = "dlib"  # dlib: ships with its weights
+    # arcface: insightface's recognition ONNX (w600k_r50.onnx, glintr100.onnx) or its pack folder
+    arcface_model: str | None = None
+    # only at noise levels up to this (PixelSmile: t <= 600 of 1000): a prediction from
+    # almost pure noise has no face to compare
+    max_sigma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6
+    window: Literal["face", "image"] = "face"  # decode only the latents around the face
+
+
+class LpipsLoss(Section):
+    """LPIPS between the decoded prediction and the decoded target (eval.lpips_net and
+    eval.lpips_backbone name the network)."""
+
+    weight: Annotated[float, Field(ge=0.0)] = 0.0  # off; the recipe: "varies"
+    max_sigma: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+
+
+class ContrastiveLoss(Section):
+    """Symmetric InfoNCE between two edits of one start image (PixelSmile): each decoded
+    prediction is pulled to its own target's CLIP features and pushed from the other's."""
+
+    weight: Annotated[float, Field(ge=0.0)] = 0.0  # off; the recipe 0.05, PixelSmile's config 1.0
+    temperature: Annotated[float, Field(gt=0.0)] = 0.07
+    clip_model: str | None = None  # a local CLIP folder; None: eval.clip_model
+    max_sigma: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+
+
 class LossesParams(Section):
-    # the flow-matching loss's per-pixel weights; later terms (identity, ...) go beside it
-    regions: RegionWeights = RegionWeights()
+    regions: RegionWeights = RegionWeights()  # the flow-matching loss's per-pixel weights
+    identity: IdentityLoss = IdentityLoss()
+    lpips: LpipsLoss = LpipsLoss()
+    contrastive: ContrastiveLoss = ContrastiveLoss()
+
+    @property
+    def decoded_terms(self) -> list[str]:
+        """The terms switched on that compare decoded images, in the order they are logged."""
+        return [n for n in ("identity", "lpips", "contrastive") if getattr(self, n).weight > 0]
 
 
 class TrainParams(Section):

@@ -121,16 +121,19 @@ class FamilyAdapter:
             getattr(self.pipe, name).requires_grad_(False)
         self.transformer = self.pipe.transformer
         self.encoders_aside = False
+        self.aside: tuple[str, ...] = ()
 
     # -- the encoders' place -----------------------------------------------------------------
 
     ENCODERS = ("vae", "text_encoder")
 
-    def set_encoders_aside(self) -> None:
+    def set_encoders_aside(self, keep_vae: bool = False) -> None:
         """Move the VAE and the text encoder to CPU memory: training reads their outputs from
         the cache, and on a GPU they would hold memory the whole run (Qwen2.5-VL 7B, Qwen3 8B:
-        about 16 GB in bf16). `encoders_on_device` brings them back for any later encoding."""
-        for name in self.ENCODERS:
+        about 16 GB in bf16). `encoders_on_device` brings them back for any later encoding.
+        keep_vae: the VAE stays (loss terms on decoded images need its decoder every step)."""
+        self.aside = tuple(n for n in self.ENCODERS if not (keep_vae and n == "vae"))
+        for name in self.aside:
             getattr(self.pipe, name).to("cpu")
         self.encoders_aside = True
         if self.device.type == "cuda":
@@ -142,12 +145,12 @@ class FamilyAdapter:
         if not self.encoders_aside:
             yield
             return
-        for name in self.ENCODERS:
+        for name in self.aside:
             getattr(self.pipe, name).to(self.device)
         try:
             yield
         finally:
-            for name in self.ENCODERS:
+            for name in self.aside:
                 getattr(self.pipe, name).to("cpu")
 
     def reference_sizes(self) -> AbstractContextManager:
@@ -192,6 +195,17 @@ class FamilyAdapter:
 
     def default_shift(self, latents: torch.Tensor) -> float:
         """The model's own resolution-dependent shift for sigma (shift sampling)."""
+        raise NotImplementedError
+
+    @property
+    def latent_cell(self) -> int:
+        """Pixels per side of one cell of the latents `encode_latents` returns."""
+        return self.pipe.vae_scale_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as `encode_latents` returns them (B, ..., h, w), or a window of them ->
+        (B, 3, h x cell, w x cell) pixels in about [-1, 1], float32. The normalisation is
+        undone and gradients flow through the (frozen) decoder to the latents."""
         raise NotImplementedError
 
     def pool_weights(self, pixel_weights: torch.Tensor) -> torch.Tensor:
@@ -271,6 +285,15 @@ class QwenImageEdit(FamilyAdapter):
         # channel alike (broadcast)
         return pooled
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        shape = (1, vae.config.z_dim, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape)
+        std = torch.tensor(vae.config.latents_std).view(shape)
+        z = latents * std.to(latents) + mean.to(latents)  # undo _encode_vae_image
+        pixels = vae.decode(z.to(vae.dtype).unsqueeze(2), return_dict=False)[0][:, :, 0]
+        return pixels.float()
+
 
 class Flux2Klein(FamilyAdapter):
     family = "flux2_klein"
@@ -326,6 +349,18 @@ class Flux2Klein(FamilyAdapter):
         # cell it came from
         channels = self.pipe.vae.config.latent_channels
         return self.pipe._patchify_latents(pooled.expand(-1, channels, -1, -1).contiguous())
+
+    @property
+    def latent_cell(self) -> int:
+        return 2 * self.pipe.vae_scale_factor  # the VAE's grid, patchified 2x2
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        z = latents * std.to(latents) + mean.to(latents)  # undo _encode_vae_image's norm
+        z = self.pipe._unpatchify_latents(z)
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
 
 
 def linear_shift_mu(seq_len: int, config: dict) -> float:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from facelora.config import LossesParams, Params
-from facelora.errors import EnvironmentProblem, FaceloraError
+from facelora.errors import EnvironmentProblem, FaceloraError, SettingsError
 from facelora.io.atomic import atomic_path, write_json
 from facelora.io.progress import progress
 from facelora.models import lora_io
@@ -32,12 +32,13 @@ from facelora.models.adapters import FamilyAdapter, load_adapter, resolve_device
 from facelora.registry.families import family as get_family
 from facelora.train import checkpoint, fsdp
 from facelora.train.data import EncodingCache, Sample, read_phase, read_regularization
+from facelora.train.objectives import FLOW_MATCHING, DecodedTerms
 from facelora.train.optim import make_optimizer, make_scheduler
 from facelora.train.regions import landmark_weights, mask_weights, tiled, weighted_mse
 from facelora.train.sampling import noisy_latents, sample_sigmas
 
 log = logging.getLogger(__name__)
-LOG_COLUMNS = ["step", "loss", "lr", "grad_norm", "sigma_mean", "seconds"]
+LOG_COLUMNS = ["step", "loss", "lr", "grad_norm", "sigma_mean", "seconds"]  # + each term's
 POOLED_KEPT = 4096  # samples whose latent-grid loss weights stay in memory (64 KB at 1024 px)
 
 
@@ -65,6 +66,52 @@ def epoch_batches(samples: list[Sample], batch_size: int, seed: int, epoch: int)
     ]
     shuffle = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in shuffle]
+
+
+def paired_epoch_batches(
+    samples: list[Sample], groups: list[int], batch_size: int, seed: int, epoch: int
+) -> list[tuple[list[int], bool]]:
+    """This epoch's batches for the contrastive term: edits of one start image (same group)
+    are paired in a seeded order, and a paired batch holds batch_size such pairs side by side
+    ([a1, b1, a2, b2, ...]: 2 x batch_size samples); samples left without a partner form plain
+    batches. Returns (indices, paired) per batch."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(samples), generator=g).tolist()
+    waiting: dict[tuple, int] = {}
+    pairs: dict[tuple, list[list[int]]] = {}
+    singles: dict[tuple, list[int]] = {}
+    for i in order:
+        key = (samples[i].size, len(samples[i].controls))
+        slot = (groups[i], key)
+        if slot in waiting:
+            pairs.setdefault(key, []).append([waiting.pop(slot), i])
+        else:
+            waiting[slot] = i
+    for slot, i in waiting.items():
+        singles.setdefault(slot[1], []).append(i)
+    batches = [
+        ([i for pair in units[j : j + batch_size] for i in pair], True)
+        for units in pairs.values()
+        for j in range(0, len(units), batch_size)
+    ]
+    batches += [
+        (units[j : j + batch_size], False)
+        for units in singles.values()
+        for j in range(0, len(units), batch_size)
+    ]
+    shuffle = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in shuffle]
+
+
+def start_groups(samples: list[Sample]) -> list[int]:
+    """A group number per sample: samples whose start images have the same bytes share one."""
+    seen: dict[str, int] = {}
+    groups = []
+    for s in samples:
+        start = s.controls[0] if s.controls else s.target[0]
+        digest = hashlib.sha256(start.read_bytes()).hexdigest()
+        groups.append(seen.setdefault(digest, len(seen)))
+    return groups
 
 
 def fingerprint(
@@ -209,6 +256,36 @@ class Trainer:
         self.regions = train.losses.regions
         self.weighted = not self.regions.uniform  # equal weights: the plain mean, untouched
         self._pooled: dict[tuple, torch.Tensor] = {}
+        self.terms = (
+            DecodedTerms(params, self.adapter, self.device) if train.losses.decoded_terms else None
+        )
+        self.term_names = [FLOW_MATCHING, *self.terms.names] if self.terms else []
+        self.log_columns = LOG_COLUMNS + self.term_names
+        self.groups = None
+        if self.terms is not None and "contrastive" in self.terms.names:
+            self.groups = start_groups(self.samples)
+            if len(set(self.groups)) == len(self.groups):
+                raise SettingsError(
+                    f"train.losses.contrastive: no two pairs of {self.data_dir} share a start "
+                    "image, so there is nothing to contrast; it needs several edits of one "
+                    "photo (e.g. synthesis.kinds: [edit] with synthesis.variations > 1 or "
+                    "several instructions), or set train.losses.contrastive.weight: 0"
+                )
+        if self.terms is not None and "identity" in self.terms.names:
+            unmarked = sum(s.landmarks is None for s in self.samples)
+            if unmarked == len(self.samples):
+                raise SettingsError(
+                    f"train.losses.identity: no pair of {self.data_dir} has end landmarks "
+                    "(phase folders written before they were stored): rerun the pairs and "
+                    "select steps, or set train.losses.identity.weight: 0"
+                )
+            if unmarked:
+                log.info(
+                    "train.losses.identity: %d of %d pairs have no end landmarks: no identity "
+                    "term for them",
+                    unmarked,
+                    len(self.samples),
+                )
         unknown = [s for s in self.samples if s.landmarks is None and s.mask is None]
         if self.weighted and unknown:
             log.info(
@@ -342,6 +419,15 @@ class Trainer:
         torch.distributed.all_reduce(t)
         return float(t) / self.world
 
+    def _mean_present(self, values: list[float]) -> float:
+        """The mean of the values over the whole group (NaN where no process has one)."""
+        total, count = float(np.sum(values)) if values else 0.0, len(values)
+        if self.world > 1:
+            t = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t)
+            total, count = float(t[0]), int(t[1])
+        return total / count if count else float("nan")
+
     def checksum(self) -> str:
         h = hashlib.sha256()
         for p in self.trainable:  # whole tensors: under FSDP a collective
@@ -350,7 +436,7 @@ class Trainer:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def _next_batch(self) -> list[Sample]:
+    def _next_batch(self) -> tuple[list[Sample], bool]:
         """This process's next batch: the group takes `world` consecutive batches of the
         stream, this process the one at its rank (the same data, split, for any world).
         With regularization, every (ratio + 1)-th batch of the stream is a regularization one."""
@@ -364,19 +450,27 @@ class Trainer:
             else:
                 item = item - item // cycle
         per_epoch = len(self._epoch(samples, 0))
-        batch = self._epoch(samples, item // per_epoch)[item % per_epoch]
-        return [samples[i] for i in batch]
+        batch, paired = self._epoch(samples, item // per_epoch)[item % per_epoch]
+        return [samples[i] for i in batch], paired
 
-    def _epoch(self, samples: list[Sample], epoch: int) -> list[list[int]]:
+    def _epoch(self, samples: list[Sample], epoch: int) -> list[tuple[list[int], bool]]:
         key = (id(samples), epoch)
         if key not in self._epochs:
-            train = self.params.train
-            self._epochs[key] = epoch_batches(samples, train.batch_size, self.params.seed, epoch)
+            size, seed = self.params.train.batch_size, self.params.seed
+            if self.groups is not None and samples is self.samples:
+                batches = paired_epoch_batches(samples, self.groups, size, seed, epoch)
+            else:
+                batches = [(b, False) for b in epoch_batches(samples, size, seed, epoch)]
+            self._epochs[key] = batches
             if len(self._epochs) > 4:
                 self._epochs.pop(next(iter(self._epochs)))
         return self._epochs[key]
 
-    def _loss(self, batch: list[Sample]) -> tuple[torch.Tensor, float]:
+    def _loss(
+        self, batch: list[Sample], paired: bool = False
+    ) -> tuple[torch.Tensor, float, dict[str, float | None]]:
+        """The batch's total loss, its mean sigma, and each term's unweighted value (None:
+        the term applies to no sample of the batch, or was not finite and left out)."""
         train = self.params.train
         x0 = torch.stack([self.cache.latents(s.target, s.size) for s in batch]).float()
         controls = [
@@ -387,22 +481,41 @@ class Trainer:
             text = [self._encode_text(s) for s in batch]
         else:
             text = [self.cache.text(s) for s in batch]
-        noise = torch.randn(x0.shape, generator=self.noise)
+        # a paired batch ([a1, b1, a2, b2, ...], the contrastive term) draws noise and sigma
+        # once per pair: both edits of a start image see the same ones
+        draws = len(batch) // 2 if paired else len(batch)
+        noise = torch.randn((draws, *x0.shape[1:]), generator=self.noise)
         if train.noise_offset:
             noise += train.noise_offset * torch.randn(
-                x0.shape[0], x0.shape[1], 1, 1, generator=self.noise
+                draws, x0.shape[1], 1, 1, generator=self.noise
             )
         shift = train.shift if train.shift is not None else self.adapter.default_shift(x0)
-        sigma = sample_sigmas(
-            len(batch), train.timestep_sampling, self.noise, train.sigmoid_scale, shift
-        )
+        sampling = train.timestep_sampling
+        sigma = sample_sigmas(draws, sampling, self.noise, train.sigmoid_scale, shift)
+        if paired:
+            noise, sigma = noise.repeat_interleave(2, dim=0), sigma.repeat_interleave(2)
         noisy, target = noisy_latents(x0, noise, sigma)
-        pred = self.adapter.predict(
-            noisy.to(self.device), [c.to(self.device) for c in controls], text, sigma
-        )
+        noisy = noisy.to(self.device)
+        pred = self.adapter.predict(noisy, [c.to(self.device) for c in controls], text, sigma)
         weights = self._weights(batch) if self.weighted else None
         loss = weighted_mse(pred.float(), target.to(self.device).float(), weights)
-        return loss, float(sigma.mean())
+        if self.terms is None:
+            return loss, float(sigma.mean()), {}
+        parts: dict[str, float | None] = {FLOW_MATCHING: float(loss.detach())}
+        for name, value in self.terms(batch, x0, noisy, pred, sigma, paired).items():
+            if value is not None and not torch.isfinite(value.detach()):
+                log.warning(
+                    "phase %s step %d: the %s term is %s on this batch: left out of the loss",
+                    self.phase,
+                    self.step + 1,
+                    name,
+                    float(value.detach()),
+                )
+                value = None
+            parts[name] = None if value is None else float(value.detach())
+            if value is not None:
+                loss = loss + self.terms.weight(name) * value
+        return loss, float(sigma.mean()), parts
 
     def _weights(self, batch: list[Sample]) -> torch.Tensor:
         """The batch's loss weights, laid out like its latents (see train.regions)."""
@@ -453,7 +566,8 @@ class Trainer:
         if self.world > 1 and self.rank == 0:
             torch.distributed.barrier()
         if self.params.train.cache and self.text_encoder is None:
-            self.adapter.set_encoders_aside()  # every encoding is on disk now
+            # every encoding is on disk now; the decoded-image terms keep the VAE's decoder
+            self.adapter.set_encoders_aside(keep_vae=self.terms is not None)
         cache_seconds = time.perf_counter() - started
         resumed = self.resume()
         log_path = self.out / "log.csv"
@@ -470,12 +584,13 @@ class Trainer:
         while self.step < self.total:
             t0 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
-            total_loss, sigmas = 0.0, []
+            total_loss, sigmas, parts = 0.0, [], []
             for _ in range(train.grad_accum):
-                loss, sigma_mean = self._loss(self._next_batch())
+                loss, sigma_mean, values = self._loss(*self._next_batch())
                 (loss / train.grad_accum).backward()
                 total_loss += loss.item() / train.grad_accum
                 sigmas.append(sigma_mean)
+                parts.append(values)
             self._sync_text_encoder_grads()
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, train.max_grad_norm)
             norm = float(fsdp.full(norm))
@@ -496,30 +611,31 @@ class Trainer:
                     for e, p in zip(self.ema, self.trainable, strict=True):
                         e.lerp_(p.detach(), 1.0 - train.ema_decay)
             loss_value = total_loss
-            rows.append(
-                {
-                    "step": self.step,
-                    "loss": total_loss,
-                    "lr": lr,
-                    "grad_norm": norm,
-                    "sigma_mean": float(np.mean(sigmas)),
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
+            row = {
+                "step": self.step,
+                "loss": total_loss,
+                "lr": lr,
+                "grad_norm": norm,
+                "sigma_mean": float(np.mean(sigmas)),
+                "seconds": time.perf_counter() - t0,
+            }
+            for name in self.term_names:  # collectives: every process, the same order
+                row[name] = self._mean_present([p[name] for p in parts if p[name] is not None])
+            rows.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.2e}")
             if self.step % train.save_every == 0 or self.step == self.total:
                 # the log first: a run killed between the two resumes from the previous
                 # checkpoint and cuts the log back to it, never past a gap
                 if self.rank == 0:
-                    _write_log(log_path, rows)
+                    _write_log(log_path, rows, self.log_columns)
                 saved.append(self.save(total_loss))
         bar.close()
         checksums = self._gather(self.checksum())
         # what each process holds of the transformer (FSDP: about 1/N of it)
         held = self._gather(sum(_local(p).numel() for p in self.module.parameters()))
         if self.rank == 0:
-            _write_log(log_path, rows)
+            _write_log(log_path, rows, self.log_columns)
         summary = {
             "phase": self.phase,
             "steps": self.total,
@@ -553,15 +669,21 @@ def _read_log(path: Path, upto: int) -> list[dict]:
         return []
     with path.open() as fh:
         return [
-            {k: (int(v) if k == "step" else float(v)) for k, v in row.items()}
+            {k: _cell(k, v) for k, v in row.items()}
             for row in csv.DictReader(fh)
             if int(row["step"]) <= upto
         ]
 
 
-def _write_log(path: Path, rows: list[dict]) -> None:
+def _cell(column: str, text: str) -> int | float:
+    if column == "step":
+        return int(text)
+    return float(text) if text not in ("", None) else math.nan
+
+
+def _write_log(path: Path, rows: list[dict], columns: list[str]) -> None:
     with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 
