@@ -146,25 +146,36 @@ def _add_zero_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class DlibFaceResNet(torch.nn.Module):
-    """Chips (N x 150 x 150 x 3 uint8 RGB, from dlib.get_face_chip) -> N x 128 descriptors."""
+    """Chips (N x 150 x 150 x 3 uint8 RGB, from dlib.get_face_chip) -> N x 128 descriptors.
+
+    `forward` runs under inference_mode (the detect step's path); `descriptors` is the same
+    network on float N x 3 x H x W RGB in 0..255, differentiable with respect to its input
+    (the identity loss's path). The weights are frozen parameters (requires_grad False).
+    """
 
     def __init__(self, layers: list[_Layer]):
         super().__init__()
         kinds = [layer.kind for layer in layers]
         if kinds[:4] != ["input", "con", "affine", "max_pool"] or kinds[-2:] != ["avg_pool", "fc"]:
             raise DlibFormatError("not dlib's face recognition ResNet (unexpected layer order)")
-        self.mean = torch.tensor(layers[0].extra["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(layers[0].extra["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean)
         self.layers = layers[1:]
-        self._tensors = [
-            (
-                None if layer.weight is None else torch.from_numpy(layer.weight.copy()),
-                None if layer.bias is None else torch.from_numpy(layer.bias.copy()),
-            )
-            for layer in self.layers
-        ]
+        for i, layer in enumerate(self.layers):
+            for part in ("weight", "bias"):
+                value = getattr(layer, part)
+                if value is not None:
+                    tensor = torch.from_numpy(value.copy())
+                    self.register_parameter(
+                        f"layer{i}_{part}", torch.nn.Parameter(tensor, requires_grad=False)
+                    )
 
-    def _apply(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        layer, (weight, bias) = self.layers[i], self._tensors[i]
+    def _tensor(self, i: int, part: str) -> torch.Tensor | None:
+        return getattr(self, f"layer{i}_{part}", None)
+
+    def _layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[i]
+        weight, bias = self._tensor(i, "weight"), self._tensor(i, "bias")
         if layer.kind == "con":
             return F.conv2d(x, weight, bias, stride=layer.stride, padding=layer.padding)
         if layer.kind == "affine":
@@ -177,22 +188,25 @@ class DlibFaceResNet(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
-        x = (chips.permute(0, 3, 1, 2).float() - self.mean) / 256.0
-        x = F.relu(self._apply(1, self._apply(0, x)))  # stem: conv 7x7/2, affine, relu
-        x = self._apply(2, x)  # max pool 3x3/2
+        return self.descriptors(chips.permute(0, 3, 1, 2).float())
+
+    def descriptors(self, rgb: torch.Tensor) -> torch.Tensor:
+        """N x 3 x 150 x 150 float RGB (0..255) -> N x 128 descriptors (not normalised)."""
+        x = (rgb - self.mean) / 256.0
+        x = F.relu(self._layer(1, self._layer(0, x)))  # stem: conv 7x7/2, affine, relu
+        x = self._layer(2, x)  # max pool 3x3/2
         i, kinds = 3, [layer.kind for layer in self.layers]
         while kinds[i] == "con":  # residual blocks
             shortcut = x
-            y = F.relu(self._apply(i + 1, self._apply(i, x)))
-            y = self._apply(i + 3, self._apply(i + 2, y))
+            y = F.relu(self._layer(i + 1, self._layer(i, x)))
+            y = self._layer(i + 3, self._layer(i + 2, y))
             i += 4
             if kinds[i] == "avg_pool":  # a down-sampling block pools its input
-                shortcut = self._apply(i, shortcut)
+                shortcut = self._layer(i, shortcut)
                 i += 1
             if kinds[i] != "add_prev":
                 raise DlibFormatError("unexpected residual block layout")
             x = F.relu(_add_zero_padded(y, shortcut))
             i += 1
-        x = self._apply(i, x).flatten(1)  # global average
-        weight, _ = self._tensors[i + 1]
-        return x @ weight
+        x = self._layer(i, x).flatten(1)  # global average
+        return x @ self._tensor(i + 1, "weight")
