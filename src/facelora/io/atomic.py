@@ -87,9 +87,11 @@ def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
 
 
 def write_png(path: str | Path, rgb: np.ndarray, compression: int = 1) -> None:
-    """Write an RGB uint8 array as PNG (OpenCV's encoder: fast, byte-deterministic)."""
+    """Write an RGB uint8 array (or a 2-D grey one) as PNG (OpenCV's encoder: fast,
+    byte-deterministic)."""
+    bgr = rgb if rgb.ndim == 2 else rgb[..., ::-1]
     ok, buf = cv2.imencode(
-        ".png", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, compression]
+        ".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, compression]
     )
     if not ok:
         raise OSError(f"could not encode PNG for {path}")

@@ -3,10 +3,13 @@
     DIR/<pair_id>_start.png    the image before the edit (control)
     DIR/<pair_id>_start2.png   face reference(s), when the pair has them (.._start4)
     DIR/<pair_id>_end.png      the image after the edit (target)
+    DIR/<pair_id>_mask.png     the pair's loss mask in the end image's pixels (grey; white:
+                               the region to learn), when the user gave one
     DIR/<pair_id>.txt          the caption
     DIR/manifest.jsonl         one JSON object per pair: files, caption, scores, and the end
                                image's 5 landmarks (`end_landmarks`, its pixels; null when
-                               unknown) for the loss regions of training
+                               unknown) and the mask file (`mask`, null when none) for the
+                               loss regions of training
 
 Files are hard links to the pair crops (no extra disk) where the filesystem allows; pairs held
 in memory (synthetic data, tests, benchmarks) are saved as PNG instead (`write_kontext_images`).
@@ -65,9 +68,9 @@ def write_kontext_images(
     """Write pairs held in memory as the same Kontext folder and manifest.
 
     Each pair: pair_id, caption, start_crop and end_crop (PIL images or uint8 RGB arrays),
-    optionally reference_crops (a list of them) and end_landmarks, the provenance fields of
-    pairs.parquet (layout, source, start, end: where the crops came from; None by default) and
-    its score columns."""
+    optionally reference_crops (a list of them), mask_crop (a grey image) and end_landmarks,
+    the provenance fields of pairs.parquet (layout, source, start, end: where the crops came
+    from; None by default) and its score columns."""
     from PIL import Image
 
     def save(image, path: Path) -> None:
@@ -94,6 +97,10 @@ def _write_folder(dest: str | Path, pairs: list[dict], put, extra_files) -> int:
         for k, ref in enumerate(pair.get("reference_crops") or [], start=2):
             refs.append(f"{stem}_start{k}.png")
             put(ref, building / refs[-1])
+        mask = None
+        if pair.get("mask_crop") is not None:
+            mask = f"{stem}_mask.png"
+            put(pair["mask_crop"], building / mask)
         write_text(building / f"{stem}.txt", pair["caption"] + "\n")
         lines.append(
             json.dumps(
@@ -109,6 +116,7 @@ def _write_folder(dest: str | Path, pairs: list[dict], put, extra_files) -> int:
                     "end_image": pair["end"],
                     "scores": {k: _clean(v) for k, v in pair.items() if is_score_column(k)},
                     "end_landmarks": _points(pair.get("end_landmarks")),
+                    "mask": mask,
                 },
                 sort_keys=True,
             )

@@ -101,11 +101,18 @@ def output_side(side: float, params: CropParams) -> int:
     return max(params.size_multiple, int(side // params.size_multiple) * params.size_multiple)
 
 
-def warp_crop(rgb: np.ndarray, box: CropBox, out_side: int, image_scale: float = 1.0) -> np.ndarray:
+def warp_crop(
+    rgb: np.ndarray,
+    box: CropBox,
+    out_side: int,
+    image_scale: float = 1.0,
+    interpolation: int = cv2.INTER_CUBIC,
+) -> np.ndarray:
     """Cut the square out of `rgb` (full resolution x image_scale) at out_side x out_side.
 
     Large reductions first shrink the region with area averaging (no aliasing), then the
-    rotation is done near 1:1 with bicubic interpolation.
+    rotation is done near 1:1 with bicubic interpolation (`interpolation`: e.g. linear for a
+    grey mask, whose levels must stay within the source's). A 2-D array (grey) stays 2-D.
     """
     scale = out_side / (box.side * image_scale)
     if scale < 0.5:
@@ -125,10 +132,10 @@ def warp_crop(rgb: np.ndarray, box: CropBox, out_side: int, image_scale: float =
             box.side * image_scale * (fx + fy) / 2,
             box.angle,
         )
-        return warp_crop(small, shifted, out_side, 1.0)
+        return warp_crop(small, shifted, out_side, 1.0, interpolation)
     m = box.matrix(out_side, image_scale)
     return cv2.warpAffine(
-        rgb, m, (out_side, out_side), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE
+        rgb, m, (out_side, out_side), flags=interpolation, borderMode=cv2.BORDER_REPLICATE
     )
 
 

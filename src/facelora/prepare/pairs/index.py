@@ -33,6 +33,7 @@ INDEX = pa.schema(
         ("start", pa.string()),
         ("end", pa.string()),
         ("references", pa.list_(pa.string())),
+        ("mask", pa.string()),  # the user's loss mask (end image pixels), raw-folder path
         ("start_face", pa.int32()),
         ("end_face", pa.int32()),
         ("reference_faces", pa.list_(pa.int32())),
@@ -74,6 +75,26 @@ def _check_files(c: PairCandidate, images: dict[str, dict]) -> str | None:
             return f"{role} image {rel} rejected at detect: {row['reason']}"
     if images[c.start]["sha256"] == images[c.end]["sha256"]:
         return "start and end are the same image (identical files, no edit)"
+    return _check_mask(c, images) if c.mask is not None else None
+
+
+def _check_mask(c: PairCandidate, images: dict[str, dict]) -> str | None:
+    """A mask the pair step cannot cut with the end's geometry rejects the pair (a mask is
+    an instruction: training the pair without it would learn what the user masked out)."""
+    row = images.get(c.mask)
+    if row is None:
+        return f"mask {c.mask} was not seen by detect (extension not in images.extensions?)"
+    if row["sha256"] is None or pd.isna(row["width"]):  # no size: not decoded
+        return f"mask {c.mask} is not a readable image: {row['reason']} (fix or remove it)"
+    end = images[c.end]
+    mask_size = (int(row["width"]), int(row["height"]))
+    end_size = (int(end["width"]), int(end["height"]))
+    if mask_size != end_size:
+        return (
+            f"mask {c.mask} is {mask_size[0]}x{mask_size[1]} px but its end image {c.end} is "
+            f"{end_size[0]}x{end_size[1]}: a mask is drawn in the end image's pixels "
+            "(fix or remove it)"
+        )
     return None
 
 
@@ -166,7 +187,7 @@ def build_index(
     claimed = {r["image"] for r in found.rejected} | made_from
     rows, seen_content = [], {}
     for c in found.candidates:
-        claimed.update([c.start, c.end, *c.references])
+        claimed.update([c.start, c.end, *c.references, *([c.mask] if c.mask else [])])
         reason = _check_files(c, images)
         if reason is None:
             content = (

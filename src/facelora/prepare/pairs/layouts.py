@@ -1,12 +1,19 @@
 """Find before/after pairs in the raw folder, in each supported layout.
 
 - kontext (SimpleTuner): `01_start.png`, optional face references `01_start2.png` ..
-  `01_start4.png`, `01_end.png`, caption `01.txt`, in any sub-folder.
+  `01_start4.png`, `01_end.png`, caption `01.txt`, optional loss mask `01_mask.png`, in any
+  sub-folder.
 - folders: a folder with `target/` (the edited images) and control folders (`control/` is
   the start image, further control folders are references), files matched by name; the
-  caption is `target/NAME.txt` (or `NAME.txt` beside the folders).
+  caption is `target/NAME.txt` (or `NAME.txt` beside the folders); an optional `mask/` folder
+  beside them holds loss masks, matched by name too.
 - manifest: a CSV or JSONL file with columns start, end, references (optional; a list in
-  JSONL, `|`-separated in CSV) and caption (optional); paths relative to the manifest.
+  JSONL, `|`-separated in CSV), caption (optional) and mask (optional); paths relative to the
+  manifest.
+
+A mask is a grey image in the END image's pixels (white: the region to learn, black:
+background), cut by the pair step with the end crop's geometry; whether its size matches the
+end image is checked by the pair index.
 
 Every file that could not be paired is returned as a rejection with the reason.
 """
@@ -22,9 +29,10 @@ from pathlib import Path
 
 from facelora.config import PairSource
 
-KONTEXT_NAME = re.compile(r"^(?P<key>.+)_(?P<role>start|end)(?P<n>\d*)$")
+KONTEXT_NAME = re.compile(r"^(?P<key>.+)_(?P<role>start|end|mask)(?P<n>\d*)$")
 MAX_REFERENCES = 3  # _start2 .. _start4
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
+MASK_FOLDER = "mask"  # folders layout: the loss masks, beside target/ and control/
 
 
 @dataclass
@@ -39,6 +47,7 @@ class PairCandidate:
     start_face: int | None = None  # fixed faces (identity pairs); None: chosen when scoring
     end_face: int | None = None
     reference_faces: list[int] | None = None
+    mask: str | None = None  # a loss mask in the end image's pixels (path like the images)
 
 
 @dataclass
@@ -85,7 +94,7 @@ def discover_kontext(
         where = f"kontext:{_rel(folder / key, root)}"
         files = [p for paths in roles.values() for p in paths]
         dupes = {r: ps for r, ps in roles.items() if len(ps) > 1}
-        bad_roles = [r for r in roles if r.startswith("end") and r != "end"]
+        bad_roles = [r for r in roles if not r.startswith("start") and r not in ("end", "mask")]
         bad_roles += [r for r in roles if r.startswith("start") and r not in _start_roles()]
         if dupes:
             names = "; ".join(", ".join(p.name for p in ps) for ps in dupes.values())
@@ -93,7 +102,7 @@ def discover_kontext(
         elif bad_roles:
             reason = (
                 f"unknown role(s) {', '.join(sorted(bad_roles))} for pair {key} "
-                f"(use _start, _start2.._start{MAX_REFERENCES + 1}, _end)"
+                f"(use _start, _start2.._start{MAX_REFERENCES + 1}, _end, _mask)"
             )
         elif "start" not in roles or "end" not in roles:
             missing = "start" if "start" not in roles else "end"
@@ -113,6 +122,7 @@ def discover_kontext(
                     references=[_rel(r, root) for r in refs],
                     caption=caption,
                     caption_source=f"sidecar:{_rel(caption_file, root)}" if caption else None,
+                    mask=_rel(roles["mask"][0], root) if "mask" in roles else None,
                 )
             )
             continue
@@ -150,15 +160,19 @@ def discover_folders(
         return found
     targets = _by_stem(target_dir, extensions)
     control_maps = [_by_stem(base / c, extensions) for c in controls]
+    masks = _by_stem(base / MASK_FOLDER, extensions) if MASK_FOLDER not in controls else {}
     where = f"folders:{_rel(base, root) or '.'}"
     for stem in sorted(set(targets) | set(control_maps[0])):
         files = targets.get(stem, []) + [p for cm in control_maps for p in cm.get(stem, [])]
+        files += masks.get(stem, [])
         reason = None
         if stem not in targets:
             reason = f"unpaired: no image named {stem} in {target}/"
         elif stem not in control_maps[0]:
             reason = f"unpaired: no image named {stem} in {controls[0]}/"
-        elif len(targets[stem]) > 1 or any(len(cm.get(stem, [])) > 1 for cm in control_maps):
+        elif len(targets[stem]) > 1 or any(
+            len(cm.get(stem, [])) > 1 for cm in [*control_maps, masks]
+        ):
             reason = f"ambiguous pair {stem}: several files with this name in one folder"
         if reason:
             found.rejected.extend({"image": _rel(p, root), "reason": reason} for p in files)
@@ -177,9 +191,10 @@ def discover_folders(
                 references=[_rel(r, root) for r in refs],
                 caption=caption,
                 caption_source=f"sidecar:{_rel(caption_file, root)}" if caption else None,
+                mask=_rel(masks[stem][0], root) if stem in masks else None,
             )
         )
-    for cm in control_maps[1:]:
+    for cm in [*control_maps[1:], masks]:
         for stem in sorted(set(cm) - set(targets)):
             found.rejected.extend(
                 {"image": _rel(p, root), "reason": f"unpaired: no image named {stem} in {target}/"}
@@ -242,9 +257,13 @@ def discover_manifest(root: Path, manifest: Path, extensions: set[str]) -> Disco
             found.rejected.append({"image": where, "reason": row["_error"]})
             continue
         paths, problems = {}, []
-        for role, value in [("start", row.get("start")), ("end", row.get("end"))] + [
+        files = [("start", row.get("start")), ("end", row.get("end"))]
+        files += [
             (f"reference {i + 1}", v) for i, v in enumerate(_split_refs(row.get("references")))
-        ]:
+        ]
+        if row.get("mask") not in (None, ""):  # optional: a pair without one has weight 1
+            files.append(("mask", row["mask"]))
+        for role, value in files:
             if not value:
                 problems.append(f"no {role} given")
                 continue
@@ -269,6 +288,7 @@ def discover_manifest(root: Path, manifest: Path, extensions: set[str]) -> Disco
                 references=[paths[k] for k in paths if k.startswith("reference")],
                 caption=caption,
                 caption_source="manifest" if caption else None,
+                mask=paths.get("mask"),
             )
         )
     return found

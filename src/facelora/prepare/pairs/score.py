@@ -1,7 +1,8 @@
 """Scoring pairs (sharded): choose the face, cut aligned crops, compute the quality scores.
 
 An edit pair's start and end are cut with ONE crop square (from the start face, or the end
-face when the start has none, e.g. a degraded photo), so they stay pixel-aligned. Identity
+face when the start has none, e.g. a degraded photo), so they stay pixel-aligned; a pair's
+loss mask (drawn in the end image's pixels) is cut with the end crop's square and size. Identity
 pairs (two photos) use each photo's own crop. With several faces, `pairs.multi_face` chooses:
 the face that changed most between start and end, the largest, or all of them (one pair each);
 the choice is written into the row.
@@ -50,6 +51,7 @@ PAIRS = pa.schema(
         ("start_crop", pa.string()),  # PNG paths relative to the pairs folder
         ("end_crop", pa.string()),
         ("reference_crops", pa.list_(pa.string())),
+        ("mask_crop", pa.string()),  # the mask cut like the end crop (grey PNG), or null
         ("out_side", pa.int32()),
         # the end image's 5 landmarks [x, y] in end-crop pixels (training's loss regions)
         ("end_landmarks", pa.list_(pa.list_(pa.float32()))),
@@ -316,12 +318,31 @@ class PairScorer:
         else:
             raise PairRejected(self._crop_reason(row, s, e))
         row.update(geometry=geometry, out_side=out)
+        self._cut_mask(row, end_box, out)
         lm_s = transform_points(np.stack(s["landmarks"]), start_box, out) if s is not None else None
         lm_e = transform_points(np.stack(e["landmarks"]), end_box, out) if e is not None else None
         lm_s = lm_s if lm_s is not None else lm_e
         lm_e = lm_e if lm_e is not None else lm_s
         resolution = min(start_box.side, end_box.side)
         return self._scores(row, s, e, start_rgb, lm_s, end_rgb, lm_e, resolution, shared=True)
+
+    def _cut_mask(self, row: dict, end_box: CropBox, out: int) -> None:
+        """The pair's mask (end image pixels) cut with the end crop's square at its size, so
+        each mask pixel lies on the end crop's pixel; linear interpolation keeps it grey."""
+        rel = row.get("mask")
+        if rel is None:
+            return
+        mask = self._load(rel, min_scale=out / end_box.side)
+        end = self.images[row["end"]]
+        size, end_size = (mask.info.width, mask.info.height), (end["width"], end["height"])
+        if size != end_size:  # the index checks this too; the files may have changed since
+            raise PairRejected(
+                f"mask {rel} is {size[0]}x{size[1]} px but its end image is "
+                f"{end_size[0]}x{end_size[1]}: a mask is drawn in the end image's pixels"
+            )
+        grey = cv2.cvtColor(mask.rgb, cv2.COLOR_RGB2GRAY)
+        pixels = warp_crop(grey, end_box, out, mask.scale, interpolation=cv2.INTER_LINEAR)
+        row["mask_crop"] = self._emit(row["pair_id"], "mask", pixels, None)
 
     def _crop_reason(self, row: dict, s: dict | None, e: dict | None) -> str:
         parts = []
@@ -350,6 +371,7 @@ class PairScorer:
         row["end_crop"] = self._emit(pid, "end", None, e_png)
         start_rgb, end_rgb = self._read_png(s_png), self._read_png(e_png)
         s_box, e_box = _crop_box(s_crop), _crop_box(e_crop)
+        self._cut_mask(row, e_box, int(e_crop["out_side"]))
         lm_s = transform_points(np.stack(s["landmarks"]), s_box, int(s_crop["out_side"]))
         lm_e = transform_points(np.stack(e["landmarks"]), e_box, int(e_crop["out_side"]))
         row.update(
@@ -616,7 +638,9 @@ def gather_pairs(
     referenced = set()
     for r in rows:
         referenced.update(
-            x for x in [r["start_crop"], r["end_crop"], *(r["reference_crops"] or [])] if x
+            x
+            for x in [r["start_crop"], r["end_crop"], r["mask_crop"], *(r["reference_crops"] or [])]
+            if x
         )
     image_dir = pairs_dir / IMAGES_SUBDIR
     if image_dir.is_dir():
