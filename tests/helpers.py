@@ -630,3 +630,56 @@ def build_tiny_qwen2_5_vl(dest: Path, layout: str = "transformers") -> Path:
     if layout == "hub":
         _to_hub_layout(dest, tokenizer, vocab, merges)
     return dest
+
+
+# --- a tiny CLIP ----------------------------------------------------------------------------
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A tiny random CLIPModel + processor saved in folder (32 px images, 16-D embeddings)."""
+    import string
+
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    letters = string.ascii_lowercase
+    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
+    vocab += ["sm", "smi"]
+    tokenizer = CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(vocab)}, merges=[("s", "m"), ("sm", "i")]
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 40,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

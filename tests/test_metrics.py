@@ -12,7 +12,6 @@ import io
 import math
 import os
 import socket
-import string
 
 import cv2
 import numpy as np
@@ -36,7 +35,7 @@ from facelora.models.perceptual import default_backbone_path, official_backbone_
 from facelora.prepare.pairs.quality import face_mask
 from facelora.registry.scores import METRIC_NAMES
 
-from helpers import face_image, make_pack
+from helpers import face_image, make_pack, tiny_clip
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -324,52 +323,6 @@ def test_real_lpips_weights_when_cached(astronaut):
 # --- CLIP ---------------------------------------------------------------------------------
 
 
-def _tiny_clip(folder):
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-    )
-
-    letters = string.ascii_lowercase
-    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
-    vocab += ["sm", "smi"]
-    tokenizer = CLIPTokenizer(
-        vocab={t: i for i, t in enumerate(vocab)}, merges=[("s", "m"), ("sm", "i")]
-    )
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 40,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
-        },
-        vision_config={
-            "image_size": 32,
-            "patch_size": 8,
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        },
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
 def test_clip_without_model_is_unavailable(tmp_path, no_network, astronaut):
     unset = CLIPScore(MetricSettings(clip_model=None))
     assert not unset.available and "metrics.clip_model" in unset.reason
@@ -386,7 +339,7 @@ def test_clip_without_model_is_unavailable(tmp_path, no_network, astronaut):
 def test_clip_score_with_a_tiny_local_model(tmp_path, no_network, astronaut, coffee):
     from transformers import CLIPModel, CLIPProcessor
 
-    folder = _tiny_clip(tmp_path / "clip")
+    folder = tiny_clip(tmp_path / "clip")
     metric = CLIPScore(MetricSettings(clip_model=str(folder)))
     assert metric.available, metric.reason
     assert str(folder) in metric.backend

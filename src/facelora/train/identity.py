@@ -192,6 +192,16 @@ class IdentityEmbedder(torch.nn.Module):
     def train(self, mode: bool = True) -> IdentityEmbedder:
         return super().train(False)
 
+    def footprint(self, landmarks: np.ndarray) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1): the image pixels the aligned crop of a face with these (5, 2)
+        landmarks is sampled from (the crop's corners mapped back), for decoding only them."""
+        points = torch.as_tensor(np.asarray(landmarks, np.float64).reshape(1, 5, 2))
+        back = _invert(similarity_matrix(points, self.template))[0].numpy()
+        s = float(self.side)
+        corners = np.array([[0, 0, 1], [s, 0, 1], [0, s, 1], [s, s, 1]]) @ back.T
+        (x0, y0), (x1, y1) = corners.min(axis=0), corners.max(axis=0)
+        return float(x0), float(y0), float(x1), float(y1)
+
     def crops(self, pixels: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """Aligned crops in 0..255 RGB (black outside the image, as cv2 and dlib pad)."""
         rgb = (pixels.float() + 1.0) * 127.5

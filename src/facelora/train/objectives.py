@@ -104,7 +104,8 @@ class ClipImageFeatures(torch.nn.Module):
         self.model = model
         image = processor.image_processor
         crop = getattr(image, "crop_size", None) or image.size
-        self.side = int(crop["height"] if isinstance(crop, dict) else crop)
+        side = crop.get("height") if hasattr(crop, "get") else getattr(crop, "height", crop)
+        self.side = int(side)
         self.register_buffer("mean", torch.tensor(image.image_mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(image.image_std).view(1, 3, 1, 1))
 
