@@ -685,7 +685,8 @@ def _write_log(path: Path, rows: list[dict], columns: list[str]) -> None:
     with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        for row in rows:  # a term with no value this step (NaN) is an empty cell
+            writer.writerow({k: "" if v != v else v for k, v in row.items()})
 
 
 def plot_loss(log_path: Path, out: Path, title: str) -> None:
