@@ -61,10 +61,9 @@ def squeeze_backbone(tmp_path_factory):
     return path
 
 
-def params_with(family, model, steps, losses, **extra):
-    params = settings(family, model, steps=steps, losses=losses)
-    params = params.model_copy(update={"lr": LR[family]})
-    return params.model_copy(update={"eval": params.eval.model_copy(update=extra)})
+def params_with(family, model, steps, losses, **train):
+    params = settings(family, model, steps=steps, losses=losses, **train)
+    return params.model_copy(update={"lr": LR[family]})
 
 
 def term_on_held_out(trainer, params_on, folder, name, repeats=3, sigmas=None):
@@ -108,11 +107,11 @@ def _term_values(trainer, samples, groups, name, repeats):
     return values
 
 
-def train_and_measure(tmp_path, family, model, name, losses_on, extra, steps=12):
+def train_and_measure(tmp_path, family, model, name, losses_on, steps=12):
     data = two_edit_pairs(tmp_path / "data")
     held_out = two_edit_pairs(tmp_path / "held_out", seed=7, prefix="h")
-    on = params_with(family, model, steps, losses_on, **extra)
-    off = params_with(family, model, steps, {}, **extra)
+    on = params_with(family, model, steps, losses_on)
+    off = params_with(family, model, steps, {})
     results = {}
     for label, params in (("on", on), ("off", off), ("none", None)):
         run = params or off.model_copy(
@@ -127,11 +126,8 @@ def train_and_measure(tmp_path, family, model, name, losses_on, extra, steps=12)
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lpips_term_lowers_lpips_on_held_out_pairs(tmp_path, tiny_models, family, squeeze_backbone):
-    losses = {"lpips": {"weight": 10.0}}
-    extra = {"lpips_net": "squeeze", "lpips_backbone": str(squeeze_backbone)}
-    results, log_csv = train_and_measure(
-        tmp_path, family, tiny_models[family], "lpips", losses, extra
-    )
+    losses = {"lpips": {"weight": 10.0, "net": "squeeze", "backbone": str(squeeze_backbone)}}
+    results, log_csv = train_and_measure(tmp_path, family, tiny_models[family], "lpips", losses)
     assert results["on"] < results["off"], results
     with log_csv.open() as fh:
         rows = list(csv.DictReader(fh))
@@ -143,14 +139,9 @@ def test_lpips_term_lowers_lpips_on_held_out_pairs(tmp_path, tiny_models, family
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_contrastive_term_lowers_it_on_held_out_pairs(tmp_path, tiny_models, family, clip_folder):
-    losses = {"contrastive": {"weight": 1.0, "temperature": 0.07}}
+    losses = {"contrastive": {"weight": 1.0, "temperature": 0.07, "clip_model": str(clip_folder)}}
     results, log_csv = train_and_measure(
-        tmp_path,
-        family,
-        tiny_models[family],
-        "contrastive",
-        losses,
-        {"clip_model": str(clip_folder)},
+        tmp_path, family, tiny_models[family], "contrastive", losses
     )
     assert results["on"] < results["off"], results
     with log_csv.open() as fh:
@@ -164,8 +155,7 @@ def test_paired_batches_share_noise_and_sigma(tmp_path, tiny_models, clip_folder
         family,
         tiny_models[family],
         4,
-        {"contrastive": {"weight": 0.5}},
-        clip_model=str(clip_folder),
+        {"contrastive": {"weight": 0.5, "clip_model": str(clip_folder)}},
     )
     data = two_edit_pairs(tmp_path / "data", n_starts=3)
     trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
@@ -206,7 +196,7 @@ def test_terms_refused_with_the_setting_to_change(tmp_path, tiny_models, clip_fo
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "empty-hub"))
     data = two_edit_pairs(tmp_path / "data", n_starts=2)
     no_clip = params_with(family, model, 2, {"contrastive": {"weight": 0.05}})
-    with pytest.raises(SettingsError, match="eval.clip_model"):
+    with pytest.raises(SettingsError, match="train.losses.contrastive.clip_model"):
         Trainer("one", data, tmp_path / "a", no_clip)
     single = write_phase_folder(
         tmp_path / "single",
@@ -214,12 +204,12 @@ def test_terms_refused_with_the_setting_to_change(tmp_path, tiny_models, clip_fo
         caption=CAPTION,
     )
     no_groups = params_with(
-        family, model, 2, {"contrastive": {"weight": 0.05}}, clip_model=str(clip_folder)
+        family, model, 2, {"contrastive": {"weight": 0.05, "clip_model": str(clip_folder)}}
     )
     with pytest.raises(SettingsError, match="share a start image"):
         Trainer("one", single, tmp_path / "b", no_groups)
     no_backbone = params_with(family, model, 2, {"lpips": {"weight": 0.1}})
-    with pytest.raises(SettingsError, match="eval.lpips_backbone"):
+    with pytest.raises(SettingsError, match="train.losses.lpips.backbone"):
         Trainer("one", data, tmp_path / "c", no_backbone)
 
 
@@ -229,9 +219,7 @@ def test_a_term_that_is_not_finite_is_left_out(tmp_path, tiny_models, squeeze_ba
         family,
         tiny_models[family],
         3,
-        {"lpips": {"weight": 1.0}},
-        lpips_net="squeeze",
-        lpips_backbone=str(squeeze_backbone),
+        {"lpips": {"weight": 1.0, "net": "squeeze", "backbone": str(squeeze_backbone)}},
     )
     data = two_edit_pairs(tmp_path / "data", n_starts=2)
     trainer = Trainer("one", data, tmp_path / "out", params, cache_dir=tmp_path / "cache")
@@ -345,9 +333,6 @@ def test_identity_decodes_only_the_face_window(tmp_path, tiny_models, identity_d
             2,
             {"identity": {"weight": 1.0, "max_sigma": 1.0, "window": window}},
             resolution=128,
-        )
-        params = params.model_copy(
-            update={"train": params.train.model_copy(update={"resolution": 128})}
         )
         trainer = Trainer("one", train, tmp_path / window, params, cache_dir=tmp_path / "c")
         decode = trainer.adapter.decode_latents

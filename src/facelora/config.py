@@ -606,10 +606,12 @@ class IdentityLoss(Section):
 
 
 class LpipsLoss(Section):
-    """LPIPS between the decoded prediction and the decoded target (eval.lpips_net and
-    eval.lpips_backbone name the network)."""
+    """LPIPS between the decoded prediction and the decoded target."""
 
     weight: Annotated[float, Field(ge=0.0)] = 0.0  # off; the recipe: "varies"
+    # vgg: the lpips authors' choice for a loss (alex, eval's default, for a metric)
+    net: Literal["alex", "vgg", "squeeze"] = "vgg"
+    backbone: str | None = None  # torchvision weights file; None: the torch hub cache's
     max_sigma: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
 
@@ -619,7 +621,7 @@ class ContrastiveLoss(Section):
 
     weight: Annotated[float, Field(ge=0.0)] = 0.0  # off; the recipe 0.05, PixelSmile's config 1.0
     temperature: Annotated[float, Field(gt=0.0)] = 0.07
-    clip_model: str | None = None  # a local CLIP folder; None: eval.clip_model
+    clip_model: str | None = None  # a local CLIP folder (e.g. the one eval.clip_model names)
     max_sigma: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
 

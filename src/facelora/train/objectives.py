@@ -247,15 +247,15 @@ def _load_identity(params: Params, device: torch.device):
 
 
 def _load_lpips(params: Params, device: torch.device):
-    ev = params.eval
+    setting = params.train.losses.lpips
     try:
         found = find_lpips_backbone(
-            ev.lpips_net, ev.lpips_backbone, "eval.lpips_backbone", "eval.lpips_net"
+            setting.net, setting.backbone, "train.losses.lpips.backbone", "train.losses.lpips.net"
         )
-        model = load_lpips(ev.lpips_net, found.path)
+        model = load_lpips(setting.net, found.path)
     except BackboneUnavailable as exc:
         raise SettingsError(
-            f"train.losses.lpips.weight is {params.train.losses.lpips.weight}, but {exc}; "
+            f"train.losses.lpips.weight is {setting.weight}, but {exc}; "
             "or set train.losses.lpips.weight: 0"
         ) from None
     if not found.official:
@@ -265,14 +265,11 @@ def _load_lpips(params: Params, device: torch.device):
 
 def _load_clip(params: Params, device: torch.device) -> ClipImageFeatures:
     setting = params.train.losses.contrastive
-    folder = setting.clip_model or params.eval.clip_model
-    name = "train.losses.contrastive.clip_model" if setting.clip_model else "eval.clip_model"
     try:
-        model, processor = load_clip(folder, name)
+        model, processor = load_clip(setting.clip_model, "train.losses.contrastive.clip_model")
     except BackboneUnavailable as exc:
         raise SettingsError(
             f"train.losses.contrastive.weight is {setting.weight}: the contrastive loss compares "
-            f"CLIP image features, but {exc} (set train.losses.contrastive.clip_model or "
-            "eval.clip_model, or set the weight to 0)"
+            f"CLIP image features, but {exc} (or set the weight to 0)"
         ) from None
     return ClipImageFeatures(model, processor).to(device)
