@@ -11,11 +11,13 @@ import pytest
 import torch
 import torchvision.models as tvm
 from PIL import Image
+from safetensors.torch import load_file
 
 from facelora.errors import SettingsError
 from facelora.registry.families import family as get_family
+from facelora.train.checkpoint import list_checkpoints
 from facelora.train.data import read_phase
-from facelora.train.loop import Trainer, paired_epoch_batches, start_groups
+from facelora.train.loop import Trainer, paired_epoch_batches, plot_loss, start_groups
 from facelora.train.objectives import DecodedTerms, predicted_x0
 
 from helpers import CAPTION, FAMILIES, settings, smooth_image, tiny_clip, write_phase_folder
@@ -407,3 +409,52 @@ def test_identity_gradient_reaches_only_the_lora_and_descends_the_term(
     for key, state in (("vae", trainer.adapter.pipe.vae), ("embedder", trainer.terms.identity)):
         after = state.state_dict()
         assert all(torch.equal(after[k], v) for k, v in frozen[key].items())
+
+
+def test_resume_with_the_terms_on_matches_an_uninterrupted_run(
+    tmp_path, tiny_models, clip_folder, squeeze_backbone
+):
+    """Killed after its first checkpoint and started again, a run with the LPIPS and the
+    contrastive terms ends with the same weights and the same log as one never stopped."""
+    family = "flux2_klein"
+    losses = {
+        "lpips": {"weight": 0.5, "net": "squeeze", "backbone": str(squeeze_backbone)},
+        "contrastive": {"weight": 0.2, "clip_model": str(clip_folder)},
+    }
+    params = params_with(family, tiny_models[family], 6, losses)
+    data = two_edit_pairs(tmp_path / "data", n_starts=2)
+
+    def trainer(out):
+        return Trainer("one", data, tmp_path / out, params, cache_dir=tmp_path / "cache")
+
+    trainer("straight").run(show_progress=False)
+    first = trainer("killed")
+    save = first.save
+
+    def save_then_die(loss):
+        save(loss)
+        raise KeyboardInterrupt  # the process dies right after its first checkpoint
+
+    first.save = save_then_die
+    with pytest.raises(KeyboardInterrupt):
+        first.run(show_progress=False)
+    assert [s for s, _ in list_checkpoints(tmp_path / "killed")] == [3]
+    summary = trainer("killed").run(show_progress=False)
+    assert summary["resumed"]
+    name = "checkpoints/step-000006/pytorch_lora_weights.safetensors"
+    a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "killed" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def log(out):  # every column but the step time
+        with (tmp_path / out / "log.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    straight = log("straight")
+    assert list(straight[0])[-3:] == ["flow_matching", "lpips", "contrastive"]
+    assert len(straight) == 6 and log("killed") == straight
+
+    plot = tmp_path / "loss.png"
+    plot_loss(tmp_path / "killed" / "log.csv", plot, "phase one")
+    with Image.open(plot) as im:  # one panel for the total, one per term beside it
+        assert im.height == round(100 * (2.2 + 1.6 * 3))

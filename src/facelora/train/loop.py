@@ -690,28 +690,49 @@ def _write_log(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def plot_loss(log_path: Path, out: Path, title: str) -> None:
+    """The loss per step (raw and smoothed); with loss terms on, one panel per term below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = _read_log(log_path, upto=10**12)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    if rows:
-        steps = [r["step"] for r in rows]
-        loss = np.array([r["loss"] for r in rows])
-        ax.plot(steps, loss, color="#bbbbbb", linewidth=0.8, label="loss")
-        window = max(1, len(loss) // 50)
-        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1 :], smooth, color="C0", label=f"mean of {window}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching loss")
-    ax.set_title(title)
-    ax.legend()
+    terms = [k for k in (rows[0] if rows else {}) if k not in LOG_COLUMNS]
+    panels = ["loss", *[t for t in terms if t != FLOW_MATCHING]]
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(7, 2.2 + 1.6 * len(panels)), sharex=True, squeeze=False
+    )
+    for ax, column in zip(axes[:, 0], panels, strict=True):
+        if column != "loss":
+            _plot_series(ax, rows, column, column)
+            ax.set_ylabel(column)
+        elif not terms:
+            _plot_series(ax, rows, column, "loss")
+            ax.set_ylabel("flow-matching loss")
+        else:  # the total, with its flow-matching part
+            _plot_series(ax, rows, column, "total loss")
+            _plot_series(ax, rows, FLOW_MATCHING, "flow matching", raw=False, color="C1")
+            ax.set_ylabel("loss")
+        ax.legend(fontsize="small")
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].set_title(title)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def _plot_series(ax, rows, column: str, label: str, raw: bool = True, color: str = "C0"):
+    """A column over the steps it has a value at, raw in grey and as a running mean."""
+    points = [(r["step"], r[column]) for r in rows if math.isfinite(r.get(column, math.nan))]
+    if not points:
+        return
+    steps, values = map(np.array, zip(*points, strict=True))
+    if raw:
+        ax.plot(steps, values, color="#bbbbbb", linewidth=0.8, label=label)
+    window = max(1, len(values) // 50)
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    ax.plot(steps[window - 1 :], smooth, color=color, label=f"{label}, mean of {window}")
 
 
 def train_phase(
