@@ -17,7 +17,7 @@ from helpers import BIN, write_pairs
 WEIGHTS = ("pytorch_lora_weights.safetensors", "ema/pytorch_lora_weights.safetensors")
 
 
-def train(root, model, data, name, distributed, quantize="none"):
+def train(root, model, data, name, distributed, quantize="none", losses=None):
     """`facelora train one --processes 2` into root/name; returns (out folder, train.json)."""
     params_file = root / f"{name}.yaml"
     params_file.write_text(
@@ -33,6 +33,7 @@ def train(root, model, data, name, distributed, quantize="none"):
                     "ema_decay": 0.9,
                     "distributed": distributed,
                     "keep_states": None,  # the resume test restarts from the older one
+                    "losses": losses or {},
                 },
                 "phases": [{"name": "one", "steps": 6}],
             }
@@ -132,3 +133,21 @@ def test_fsdp_settings_that_cannot_work_are_refused(params):
                 "model": {**base["model"], "quantize": "nf4"},
             }
         )
+
+
+def test_fsdp_over_a_float8_base_with_a_decoded_image_term(runs, tmp_path):
+    """The LPIPS term (decoding through the unsharded VAE) under FSDP on a float8 base: both
+    processes log it and end in sync."""
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    backbone = tmp_path / "squeezenet_random.pth"  # a random loss network: a test fixture
+    torch.save(tvm.squeezenet1_1(weights=None).state_dict(), backbone)
+    losses = {"lpips": {"weight": 0.5, "net": "squeeze", "backbone": str(backbone)}}
+    out, summary = train(
+        runs["root"], runs["model"], runs["data"], "fsdp-lpips", "fsdp", "fp8", losses
+    )
+    assert summary["in_sync"] and summary["processes"] == 2
+    header, *rows = (out / "log.csv").read_text().splitlines()
+    assert header.split(",")[-2:] == ["flow_matching", "lpips"]
+    assert len(rows) == 6 and all(row.split(",")[-1] != "" for row in rows)
