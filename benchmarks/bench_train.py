@@ -55,12 +55,22 @@ single ones, as the 9B's 8 + 24). Their s/step and peak memory are then carried 
 through the two depths to the released depth. --quantize and --gradient-checkpointing (on by
 default at real width) set model.quantize and train.gradient_checkpointing.
 
+Loss terms (--terms none,identity,...): each listed configuration runs as its own row, side by
+side with `none` (the plain flow-matching loss), and the table ends with each one's cost per
+step relative to it: `regions` (face 1, hair 0.5, background 0.1), `identity` (dlib, the face
+window decoded), `identity-image` (the whole image decoded), `lpips` (VGG-16 LPIPS), and
+`contrastive` (CLIP with ViT-L/14's vision tower: pairs of edits of one start image, so its
+batches hold 2 samples), `all` (regions + identity + lpips + contrastive). The LPIPS and CLIP
+networks are RANDOM weights of the real architectures (their cost, not their meaning); the
+dlib embedder is the real one.
+
 Run it:
 
     .venv/bin/python benchmarks/bench_train.py [--family all] [--steps 20] [--warmup 3]
         [--pairs 8] [--resolution 64] [--device cpu] [--dtype float32] [--repeat 1]
         [--threads 1] [--modes cached,uncached] [--width tiny|real --blocks 2,4]
         [--quantize none|fp8|int8|nf4] [--rank 4] [--regions FACE,HAIR,BACKGROUND]
+        [--terms none,regions,identity,identity-image,lpips,contrastive,all]
         [--diffusers-script PATH [--diffusers-pythonpath DIR]]
 
 On a GPU machine, benchmarks/gpu_session.sh runs the real-width figures at 1024x1024.
@@ -91,6 +101,70 @@ CAPTION = "EDITFACE paint a yellow square"
 SEED = 3
 LR = 1e-4
 WEIGHT_DECAY = 1e-5  # facelora's AdamW default, passed to the diffusers script too
+TERMS = ("none", "regions", "identity", "identity-image", "lpips", "contrastive", "all")
+
+
+def term_losses(term: str, nets: Path) -> dict:
+    """train.losses for one --terms configuration (the networks' files under nets)."""
+    regions = {"face": 1.0, "hair": 0.5, "background": 0.1}
+    identity = {"weight": 0.1, "window": "face"}
+    lpips = {"weight": 0.1, "net": "vgg", "backbone": str(nets / "vgg16_random.pth")}
+    contrastive = {"weight": 0.05, "clip_model": str(nets / "clip_vit_l14_random")}
+    return {
+        "none": {},
+        "regions": {"regions": regions},
+        "identity": {"identity": identity},
+        "identity-image": {"identity": {**identity, "window": "image"}},
+        "lpips": {"lpips": lpips},
+        "contrastive": {"contrastive": contrastive},
+        "all": {
+            "regions": regions,
+            "identity": identity,
+            "lpips": lpips,
+            "contrastive": contrastive,
+        },
+    }[term]
+
+
+def build_loss_networks(nets: Path) -> None:
+    """Random VGG-16 (LPIPS) and a CLIP with ViT-L/14's vision tower and a tiny text side:
+    the loss networks' real architectures, for timing only."""
+    import torch
+    import torchvision.models as tvm
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    nets.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(tvm.vgg16(weights=None).state_dict(), nets / "vgg16_random.pth")
+    vocab = ["<|startoftext|>", "<|endoftext|>", "a</w>"]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[])
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={  # ViT-L/14 at 224 px
+            "image_size": 224,
+            "patch_size": 14,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+        },
+        projection_dim=768,
+    )
+    folder = nets / "clip_vit_l14_random"
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    )
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
 
 
 def peak_rss_mb() -> float:
@@ -168,6 +242,15 @@ def child_setup(job: dict) -> dict:
         )
     write_kontext_images(data, [{**pair, "caption": CAPTION} for pair in pairs])
     rows = read_manifest(data)
+    if job.get("terms"):  # the contrastive term's data: two edits of each start image
+        paired = []
+        for pair in pairs:
+            other = pair["start_crop"].copy()
+            other[size // 2 : 3 * size // 4, size // 2 : 3 * size // 4] = (30, 60, 230)
+            paired += [pair, {**pair, "pair_id": pair["pair_id"] + "b", "end_crop": other}]
+        write_kontext_images(root / "data_paired", [{**p, "caption": CAPTION} for p in paired])
+        if set(job["terms"]) & {"lpips", "contrastive", "all"}:
+            build_loss_networks(root / "nets")
 
     if job["parquet"]:
         import pyarrow as pa
@@ -239,7 +322,7 @@ def child_facelora(job: dict) -> dict:
                 "save_every": 10**9,  # one checkpoint, after the last step
                 "cache": cached,
                 "gradient_checkpointing": job.get("gradient_checkpointing", False),
-                "losses": {"regions": job.get("regions") or {}},
+                "losses": job.get("losses") or {"regions": job.get("regions") or {}},
             },
             "phases": [{"name": "bench", "steps": job["warmup"] + job["steps"]}],
         }
@@ -555,6 +638,11 @@ def main() -> None:
         help="FACE,HAIR,BACKGROUND: train.losses.regions weights (e.g. 1,0.5,0.1); "
         "default: all 1 (the plain loss)",
     )
+    parser.add_argument(
+        "--terms",
+        default="none",
+        help=f"comma-separated loss-term configurations to compare ({', '.join(TERMS)})",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration")
@@ -591,6 +679,13 @@ def main() -> None:
         except ValueError:
             parser.error("--regions takes three numbers: FACE,HAIR,BACKGROUND")
         regions = {"face": face, "hair": hair, "background": background}
+    terms = [t.strip() for t in args.terms.split(",") if t.strip()]
+    if not terms or set(terms) - set(TERMS):
+        parser.error(f"--terms takes some of {', '.join(TERMS)}")
+    if terms != ["none"] and "none" not in terms:
+        terms.insert(0, "none")  # the reference every term's cost is given against
+    if terms != ["none"] and regions:
+        parser.error("--regions and --terms: give the regions as the `regions` term instead")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"cached", "uncached"}:
         parser.error("--modes takes cached and/or uncached")
@@ -625,6 +720,7 @@ def main() -> None:
             "pairs": args.pairs,
             "resolution": args.resolution,
             "parquet": diffusers,
+            "terms": terms if terms != ["none"] else [],
         }
         t0 = time.perf_counter()
         setup = run_child("setup", job, root / "setup", args.threads)
@@ -657,6 +753,8 @@ def main() -> None:
         )
         print(f"  model.quantize {args.quantize}, gradient checkpointing {checkpointing}")
         print(f"  train.losses.regions {regions or 'all 1 (plain loss)'}")
+        if terms != ["none"]:
+            print(f"  loss terms compared: {', '.join(terms)} (see the docstring)")
         print(f"  load average at start (1, 5, 15 min): {_load()}")
         built = ", ".join(f"{f} {s:.1f} s" for f, s in setup["build_seconds"].items())
         for name, blocks in setup["blocks"].items():
@@ -669,15 +767,20 @@ def main() -> None:
         for spec in models:
             family, name = spec["family"], spec["name"]
             model = str(root / "setup" / "models" / name)
-            for mode in modes:
+            for mode, term in itertools.product(modes, terms):
                 runs = []
+                label = f"facelora {mode}" + ("" if term == "none" else f" +{term}")
+                paired = term in ("contrastive", "all")
                 for r in range(args.repeat):
                     job = {
-                        "root": str(root / f"{name}-{mode}-{r}"),
+                        "root": str(root / f"{name}-{mode}-{term}-{r}"),
                         "family": family,
                         "mode": mode,
                         "model": model,
-                        "data": str(root / "setup" / "data"),
+                        "data": str(root / "setup" / ("data_paired" if paired else "data")),
+                        "losses": term_losses(term, root / "setup" / "nets")
+                        if term != "none"
+                        else None,
                         "device": args.device,
                         "dtype": args.dtype,
                         "rank": args.rank,
@@ -691,13 +794,13 @@ def main() -> None:
                     }
                     out = run_child("facelora", job, Path(job["root"]), args.threads)
                     if "error" in out:
-                        print(f"{name} {mode} run {r} failed: {out['error']}")
+                        print(f"{name} {label} run {r} failed: {out['error']}")
                         print(*out["log_tail"], sep="\n  ")
                     elif targets is None and family == "flux2_klein":
                         targets = out["targets"]
                     runs.append(out)
-                results[(name, f"facelora {mode}")] = summarise(runs)
-                print(f"  done: {name} facelora {mode}", flush=True)
+                results[(name, label)] = summarise(runs)
+                print(f"  done: {name} {label}", flush=True)
             if family == "flux2_klein" and diffusers:
                 if targets is None:
                     print("  diffusers script skipped: no facelora Klein run gave the targets")
@@ -737,6 +840,26 @@ def main() -> None:
 
         print()
         print_table(results, args.device == "cuda")
+        if terms != ["none"]:
+            print()
+            print("loss terms: s/step and peak memory against the plain loss (same mode):")
+            for spec in models:
+                for mode in modes:
+                    base = results.get((spec["name"], f"facelora {mode}"))
+                    for term in terms[1:]:
+                        row = results.get((spec["name"], f"facelora {mode} +{term}"))
+                        if base is None or row is None:
+                            continue
+                        line = (
+                            f"  {spec['name']:<22} {mode:<8} +{term:<15} s/step "
+                            f"{100 * (row['median'] / base['median'] - 1):+6.0f}%, "
+                            f"peak RSS {row['rss_mb'] - base['rss_mb']:+7.0f} MB"
+                        )
+                        if row["cuda_mb"] is not None and base["cuda_mb"] is not None:
+                            line += f", CUDA {row['cuda_mb'] - base['cuda_mb']:+7.0f} MB"
+                        if term in ("contrastive", "all"):
+                            line += " (2 samples per step)"
+                        print(line)
         print()
         print("cached / uncached speed-up (uncached s/step / cached s/step):")
         for spec in models:
