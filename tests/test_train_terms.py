@@ -236,6 +236,11 @@ def test_a_term_that_is_not_finite_is_left_out(tmp_path, tiny_models, squeeze_ba
     trainer.terms.lpips = broken
     summary = trainer.run(show_progress=False)
     assert math.isfinite(summary["final_loss"])
+    assert summary["loss_terms"]["lpips"] == {
+        "weight": 1.0,
+        "steps_with_value": 2,
+        "left_out_not_finite": 1,
+    }
     with (tmp_path / "out" / "log.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert rows[1]["lpips"] == "" or math.isnan(float(rows[1]["lpips"] or "nan"))

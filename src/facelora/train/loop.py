@@ -261,6 +261,7 @@ class Trainer:
         )
         self.term_names = [FLOW_MATCHING, *self.terms.names] if self.terms else []
         self.log_columns = LOG_COLUMNS + self.term_names
+        self.left_out = dict.fromkeys(self.term_names[1:], 0)  # non-finite values, this process
         self.groups = None
         if self.terms is not None and "contrastive" in self.terms.names:
             self.groups = start_groups(self.samples)
@@ -511,6 +512,7 @@ class Trainer:
                     name,
                     float(value.detach()),
                 )
+                self.left_out[name] += 1
                 value = None
             parts[name] = None if value is None else float(value.detach())
             if value is not None:
@@ -657,6 +659,15 @@ class Trainer:
             "in_sync": len(set(checksums)) == 1,
             "rank_checksums": checksums,
         }
+        if self.terms is not None:  # how often each term had a value (all logged steps)
+            summary["loss_terms"] = {
+                name: {
+                    "weight": self.terms.weight(name),
+                    "steps_with_value": sum(math.isfinite(r.get(name, math.nan)) for r in rows),
+                    "left_out_not_finite": self.left_out[name],
+                }
+                for name in self.terms.names
+            }
         return summary
 
 
