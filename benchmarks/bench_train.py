@@ -545,7 +545,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(results: dict[tuple[str, str], dict | None], cuda: bool) -> None:
     head = (
-        f"{'family':<16} {'trainer / mode':<24} {'steps':>5} {'median s':>9} {'mean s':>9} "
+        f"{'family':<16} {'trainer / mode':<32} {'steps':>5} {'median s':>9} {'mean s':>9} "
         f"{'min s':>8} {'max s':>8} {'steps/s':>8} {'peak RSS MB':>11}"
     )
     head += f" {'CUDA MB':>8}" if cuda else ""
@@ -554,10 +554,10 @@ def print_table(results: dict[tuple[str, str], dict | None], cuda: bool) -> None
     print("-" * len(head))
     for (family, label), s in results.items():
         if s is None:
-            print(f"{family:<16} {label:<24} failed (see above)")
+            print(f"{family:<16} {label:<32} failed (see above)")
             continue
         line = (
-            f"{family:<16} {label:<24} {s['n']:>5} {s['median']:>9.4f} {s['mean']:>9.4f} "
+            f"{family:<16} {label:<32} {s['n']:>5} {s['median']:>9.4f} {s['mean']:>9.4f} "
             f"{s['min']:>8.4f} {s['max']:>8.4f} {s['steps_per_s']:>8.2f} {s['rss_mb']:>11.0f}"
         )
         line += f" {_fmt(s['cuda_mb'], '8.0f')}" if cuda else ""
@@ -860,9 +860,10 @@ def main() -> None:
                         if term in ("contrastive", "all"):
                             line += " (2 samples per step)"
                         print(line)
-        print()
-        print("cached / uncached speed-up (uncached s/step / cached s/step):")
-        for spec in models:
+        for spec in models if set(modes) == {"cached", "uncached"} else []:
+            if spec is models[0]:
+                print()
+                print("cached / uncached speed-up (uncached s/step / cached s/step):")
             family = spec["name"]
             cached = results.get((family, "facelora cached"))
             uncached = results.get((family, "facelora uncached"))
