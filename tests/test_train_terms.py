@@ -299,12 +299,14 @@ def identity_data(shared_faces, tmp_path_factory):
     return face_pairs(root / "train", train), face_pairs(root / "held", held, prefix="h")
 
 
-# the identity term is a rugged target on the tiny random models: Qwen's LoRA needs smaller
-# steps than in the other tests to follow it
-IDENTITY_LR = {"qwen_image_edit": 3e-4, "flux2_klein": 1e-2}
+# Klein only: on the tiny Qwen model the held-out identity loss after a few dozen steps moves
+# with the optimizer's reaction to any extra gradient (it drops as much with the term's sign
+# reversed), so this comparison cannot tell a right term from a wrong one there; for both
+# families the descent test below checks the term's gradient itself.
+IDENTITY_LR = {"flux2_klein": 1e-2}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(IDENTITY_LR))
 def test_identity_term_lowers_identity_loss_on_held_out_pairs(
     tmp_path, tiny_models, family, identity_data
 ):
