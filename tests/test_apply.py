@@ -134,6 +134,12 @@ def test_the_outside_check_fails_without_the_mask(qwen, shared_faces, tmp_path, 
     report = _run(qwen, photo, tmp_path)
     with pytest.raises(AssertionError):
         _check_edited(tmp_path, report["photos"][0], _upright(photo))
+    # and it is the outside check that fails
+    (entry,) = report["photos"]
+    source = _upright(photo)
+    written = np.asarray(Image.open(tmp_path / entry["output"]).convert("RGB"))
+    outside = _outside(source.shape, [entry["faces"][0]["box"]], entry["faces"][0]["crop_side"])
+    assert not np.array_equal(written[outside], source[outside])
 
 
 def test_an_exif_rotated_photo_is_edited_upright(qwen, shared_faces, tmp_path):
@@ -224,3 +230,39 @@ def test_paste_touches_only_the_inside_of_the_square():
     assert changed.any() and not (changed & ~inside).any()
     mask = feather_mask(64)
     assert mask[0].max() == 0 and mask[:, -1].max() == 0 and mask[32, 32] == 1
+
+
+def test_the_command_reads_the_final_folder(qwen, tiny_models, shared_faces, tmp_path):
+    """`facelora apply` end to end, through the declared params: the final folder's
+    final.json gives the strength; --format same re-encodes a JPEG as JPEG."""
+    import subprocess
+
+    import yaml
+
+    from helpers import BIN
+
+    params, lora, _ = qwen
+    final = tmp_path / "final"
+    final.mkdir()
+    shutil.copy(lora / lora_io.DIFFUSERS_WEIGHTS, final)
+    info = {"scale": 0.5, "base_model": {"family": "qwen_image_edit"}}
+    (final / "final.json").write_text(json.dumps(info))
+    settings = tmp_path / "params.yaml"
+    settings.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    photo = shared_faces / "same_person" / "obama" / "obama.jpg"
+    args = [str(BIN / "facelora"), "--params", str(settings), "apply", str(photo)]
+    args += ["--lora", str(final), "--prompt", PROMPT, "--out", str(tmp_path / "out")]
+    done = subprocess.run([*args, "--format", "same"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["edited"] == 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["scale"] == 0.5
+    (entry,) = report["photos"]
+    assert entry["output"] == "obama.jpg"
+    with Image.open(tmp_path / "out" / "obama.jpg") as im:
+        assert im.format == "JPEG" and im.size == Image.open(photo).size
+    klein = {**info, "base_model": {"family": "flux2_klein"}}
+    (final / "final.json").write_text(json.dumps(klein))
+    refused = subprocess.run(args, capture_output=True, text=True)
+    assert refused.returncode == 2 and "flux2_klein" in refused.stderr
+    assert "Traceback" not in refused.stderr
