@@ -266,3 +266,29 @@ def test_the_command_reads_the_final_folder(qwen, tiny_models, shared_faces, tmp
     refused = subprocess.run(args, capture_output=True, text=True)
     assert refused.returncode == 2 and "flux2_klein" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_klein_edits_too(tiny_models, shared_faces, tmp_path):
+    family = "flux2_klein"
+    params = _params(family, tiny_models[family])
+    lora = random_lora(tiny_models[family], family, tmp_path / "lora")
+    photo = shared_faces / "same_person" / "obama" / "obama.jpg"
+    options = ApplyOptions(prompt=PROMPT, faces="0", seed=1)
+    report = apply_photos(params, photo, lora, tmp_path / "out", options)
+    (entry,) = report["photos"]
+    assert entry["status"] == "edited", entry
+    _check_edited(tmp_path / "out", entry, _upright(photo))
+
+
+def test_the_seam_colours_are_matched():
+    from facelora.apply.paste import match_colours
+
+    rng = np.random.default_rng(1)
+    original = rng.normal(120, 20, (64, 64, 3)).clip(0, 255).astype(np.uint8)
+    edited = rng.normal(60, 5, (64, 64, 3)).astype(np.float32)
+    band = (feather_mask(64) > 0) & (feather_mask(64) < 1)
+    matched = match_colours(edited, original, band)
+    for c in range(3):
+        assert abs(matched[..., c][band].mean() - original[..., c][band].mean()) < 0.5
+    # the std ratio is bounded: a flat edit is not blown up into noise
+    assert matched[..., 0][band].std() <= 2 * edited[..., 0][band].std() + 1e-3
