@@ -292,3 +292,10 @@ def test_the_seam_colours_are_matched():
         assert abs(matched[..., c][band].mean() - original[..., c][band].mean()) < 0.5
     # the std ratio is bounded: a flat edit is not blown up into noise
     assert matched[..., 0][band].std() <= 2 * edited[..., 0][band].std() + 1e-3
+
+
+def test_photos_of_one_name_do_not_overwrite_each_other():
+    from facelora.apply.run import output_stems
+
+    items = [("a.jpg", Path("a.jpg")), ("a.png", Path("a.png")), ("sub/b.jpg", Path("b.jpg"))]
+    assert output_stems(items) == {"a.jpg": "a.jpg", "a.png": "a.png", "sub/b.jpg": "sub/b"}

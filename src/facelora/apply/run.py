@@ -64,6 +64,16 @@ def list_photos(photos: Path, params: Params) -> list[tuple[str, Path]]:
     return [(relative_name(p, photos), p) for p in found]
 
 
+def output_stems(items: list[tuple[str, Path]]) -> dict[str, str]:
+    """Each photo's output name without the suffix: its own name without its suffix, or with
+    it (a.jpg -> a.jpg.png) where two photos would otherwise write the same file."""
+    stems = [str(Path(rel).with_suffix("")) for rel, _ in items]
+    return {
+        rel: stem if stems.count(stem) == 1 else rel
+        for (rel, _), stem in zip(items, stems, strict=True)
+    }
+
+
 def find_faces(rgb_full: np.ndarray, raw, params: Params, backend: FaceBackend) -> list:
     """Landmarks (full-resolution pixels) of the usable faces, the largest first."""
     small = decode_image(raw, params.images, max_side=params.faces.max_side)
@@ -135,8 +145,15 @@ class Applier:
         return np.clip(np.rint(array * 255), 0, 255).astype(np.uint8)
 
     def apply_one(
-        self, rel: str, path: Path, out: Path, options: ApplyOptions, seed: int
+        self,
+        rel: str,
+        path: Path,
+        out: Path,
+        options: ApplyOptions,
+        seed: int,
+        stem: str | None = None,
     ) -> PhotoResult:
+        """Edit one photo into `out` as STEM.png (default: its name without the suffix)."""
         params = self.params
         try:
             raw = read_file(path, params.images)
@@ -186,7 +203,7 @@ class Applier:
             result.reason = "; ".join(reasons)
         if result.status != "edited" and options.skip_unedited:
             return result
-        stem = str(Path(rel).with_suffix(""))
+        stem = stem or str(Path(rel).with_suffix(""))
         target = out / f"{stem}.png"
         if options.format == "same" and loaded.info.format in ("JPEG", "WEBP"):
             target = out / rel
@@ -218,10 +235,11 @@ def apply_photos(
     items = list_photos(Path(photos), params)
     applier = applier or Applier(params, lora, options.scale)
     seed = options.seed if options.seed is not None else params.seed
+    stems = output_stems(items)
     results = []
     for i, (rel, path) in enumerate(progress(items, desc="apply", unit="photo")):
         # each photo's seeds depend only on its position, one per face
-        results.append(applier.apply_one(rel, path, out, options, seed + 1000 * i))
+        results.append(applier.apply_one(rel, path, out, options, seed + 1000 * i, stems[rel]))
     report = {
         "lora": str(applier.choice.file),
         "family": params.model.family,
