@@ -2,7 +2,8 @@
 
 Floors, from the ground up: the user-facing errors, the vocabularies (registry), the
 settings schema (config), files and tables (io), the data half and the shared model layer
-(prepare, models: side by side, neither imports the other), training, evaluation, release,
+(prepare, models: side by side, neither imports the other), training and apply (side by
+side: apply edits photos with prepare's faces and models' pipeline), evaluation, release,
 and the workflow (the CLI and the Snakemake glue) on top. A module may import its own
 package and the floors below.
 """
@@ -22,6 +23,7 @@ FLOORS = {
     "prepare": 4,
     "models": 4,
     "train": 5,
+    "apply": 5,  # beside train: prepare + models for photos; only workflow imports it
     "evaluate": 6,
     "release": 7,
     "workflow": 8,

@@ -26,6 +26,7 @@ def test_help_lists_every_step(tmp_path):
         "select",
         "summary",
         "params",
+        "apply",
     ):
         assert command in out.stdout
 

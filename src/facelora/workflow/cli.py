@@ -247,6 +247,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: model.family",
     )
 
+    p = sub.add_parser("apply", help="edit the faces of photos with a LoRA, pasted back in place")
+    p.add_argument("photos", type=Path, help="a photo or a folder of photos")
+    p.add_argument(
+        "--lora", type=Path, required=True, help="results/final, a checkpoint folder or a file"
+    )
+    p.add_argument("--prompt", required=True, help='the edit, e.g. "EDITFACE add glasses"')
+    p.add_argument("--out", type=Path, required=True, help="the folder to write")
+    p.add_argument(
+        "--scale", type=float, default=None, help="default: final.json's, else eval.lora_scale"
+    )
+    p.add_argument("--faces", default="all", help="all | largest | INDEX (0 = largest)")
+    p.add_argument("--seed", type=int, default=None, help="default: seed")
+    p.add_argument(
+        "--format",
+        choices=["png", "same"],
+        default="png",
+        help="png (lossless, exact outside the faces) or same: the input's format (re-encoded)",
+    )
+    p.add_argument(
+        "--skip-unedited", action="store_true", help="write nothing for photos left unedited"
+    )
+
     p = sub.add_parser("make-tiny-model", help="a tiny random model of a family (demo, tests)")
     p.add_argument("family", choices=FAMILY_NAMES)
     p.add_argument("out", type=Path)
@@ -731,6 +753,22 @@ def cmd_merge(args, params) -> int:
     return 0
 
 
+def cmd_apply(args, params) -> int:
+    from facelora.apply.run import ApplyOptions, apply_photos
+
+    options = ApplyOptions(
+        prompt=args.prompt,
+        scale=args.scale,
+        faces=args.faces,
+        seed=args.seed,
+        format=args.format,
+        skip_unedited=args.skip_unedited,
+    )
+    report = apply_photos(params, args.photos, args.lora, args.out, options)
+    print(json.dumps({"out": str(args.out), **report["counts"]}))
+    return 0
+
+
 def cmd_make_tiny_model(args, params) -> int:
     from facelora.models.tiny import make_tiny_model
 
@@ -922,6 +960,10 @@ COMMANDS: dict[str, Command] = {
         ),
     ),
     "merge": Command(cmd_merge, reads=("model.family",)),
+    "apply": Command(
+        cmd_apply,
+        reads=("seed", "model", "eval", "images", "faces", "crop"),
+    ),
     "snakemake": Command(cmd_snakemake, uses=("workflow.profile",)),
 }
 
