@@ -26,6 +26,7 @@ from facelora.io.progress import progress
 from facelora.models.adapters import bucket_size, resolve_device
 from facelora.prepare.faces.align import CropRejected, output_side, plan_crop, warp_crop
 from facelora.prepare.faces.backends import FaceBackend, make_backend
+from facelora.prepare.faces.detect import largest_first
 from facelora.prepare.images import ImageRejected, decode_image, read_file, relative_name
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,7 @@ def find_faces(rgb_full: np.ndarray, raw, params: Params, backend: FaceBackend) 
     to_full = 1.0 / small.scale
     found = [d for d in backend.detect(small.rgb) if d.score >= backend.min_score]
     kept = [d for d in found if d.side * to_full >= params.faces.min_face_px]
-    kept.sort(key=lambda d: (-round(d.area, 3), float(d.box[0]), float(d.box[1])))
-    faces = backend.describe(small.rgb, kept)
+    faces = backend.describe(small.rgb, largest_first(kept))
     return [f.landmarks.astype(np.float64) * to_full for f in faces]
 
 

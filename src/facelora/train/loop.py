@@ -414,11 +414,8 @@ class Trainer:
             offset += p.numel()
 
     def _mean(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return float(t) / self.world
+        """The value's mean over the whole group (every process has one)."""
+        return self._mean_present([value])
 
     def _mean_present(self, values: list[float]) -> float:
         """The mean of the values over the whole group (NaN where no process has one)."""

@@ -84,6 +84,11 @@ def face_row(
     }
 
 
+def largest_first(detections: list) -> list:
+    """Face 0 is the largest; ties broken left to right, so the order is reproducible."""
+    return sorted(detections, key=lambda d: (-round(d.area, 3), float(d.box[0]), float(d.box[1])))
+
+
 def analyse_image(
     rel: str, raw: RawFile, params: Params, backend: FaceBackend
 ) -> tuple[dict, list]:
@@ -149,9 +154,7 @@ def analyse_image(
             reason=(f"too many faces: {len(kept)} > faces.max_faces {params.faces.max_faces}"),
         )
         return row, []
-    # face 0 is the largest; ties broken left to right, so the order is reproducible
-    kept.sort(key=lambda d: (-round(d.area, 3), float(d.box[0]), float(d.box[1])))
-    faces = backend.describe(loaded.rgb, kept)
+    faces = backend.describe(loaded.rgb, largest_first(kept))
     face_rows = []
     for index, face in enumerate(faces):
         face_rows.append(face_row(rel, index, face, to_full, info.width, info.height, backend.name))
