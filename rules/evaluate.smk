@@ -57,7 +57,8 @@ rule choose:
         base=L.base_metrics(),
         groups=eval_group_outputs(P, L),
     output:
-        L.best(),
+        best=L.best(),
+        live=directory(L.eval_live_dir()),
     log:
         "logs/choose/{phase}.log",
     wildcard_constraints:
@@ -70,8 +71,8 @@ rule choose:
         settings=command_settings(P, "choose"),
         results=folder(L.root),
     shell:
-        "facelora choose {wildcards.phase} --results {params.results} --out {output}"
-        " > {log} 2>&1"
+        "facelora choose {wildcards.phase} --results {params.results} --out {output.best}"
+        " --live-out {output.live} > {log} 2>&1"
 
 
 rule choose_base:

@@ -9,6 +9,7 @@ rule train:
     output:
         summary=L.train_summary(),
         plot=L.loss_plot(),
+        live=directory(L.train_live_dir()),
     log:
         "logs/train/{phase}.log",
     wildcard_constraints:
@@ -27,7 +28,8 @@ rule train:
         nodes=P.resources.train.nodes,
     shell:
         "facelora train {wildcards.phase} --data {input.data} --out {params.train_dir}"
-        " --summary-out {output.summary} --plot-out {output.plot} --results {params.results}"
+        " --summary-out {output.summary} --plot-out {output.plot} --live-out {output.live}"
+        " --results {params.results}"
         " --cache {params.cache} --processes {params.processes} --nodes {params.nodes}"
         " > {log} 2>&1"
 

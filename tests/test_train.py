@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from facelora.config import validate_params
+from facelora.io.live import read_series
 from facelora.models import lora_io
 from facelora.models.adapters import ModelRefused, check_model_folder, load_adapter
 from facelora.registry.layout import Layout
@@ -366,6 +367,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_models
     log_a = (tmp_path / "straight" / "log.csv").read_text().splitlines()
     log_b = (killed / "log.csv").read_text().splitlines()
     assert [r.split(",")[:3] for r in log_a] == [r.split(",")[:3] for r in log_b]
+    # the DVCLive series (default OUT/dvclive) was cut back with the log: each step once
+    losses = [(int(r.split(",")[0]), float(r.split(",")[1])) for r in log_b[1:]]
+    assert read_series(killed / "dvclive")["loss"] == losses
+    assert [s for s, _ in losses] == list(range(1, 41))
 
 
 # --- refusals -----------------------------------------------------------------------------

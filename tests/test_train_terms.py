@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from facelora.errors import SettingsError
+from facelora.io.live import read_series
 from facelora.registry.families import family as get_family
 from facelora.train.checkpoint import list_checkpoints
 from facelora.train.data import read_phase
@@ -432,7 +433,10 @@ def test_resume_with_the_terms_on_matches_an_uninterrupted_run(
     data = two_edit_pairs(tmp_path / "data", n_starts=2)
 
     def trainer(out):
-        return Trainer("one", data, tmp_path / out, params, cache_dir=tmp_path / "cache")
+        live = tmp_path / out / "dvclive"
+        return Trainer(
+            "one", data, tmp_path / out, params, cache_dir=tmp_path / "cache", live_dir=live
+        )
 
     trainer("straight").run(show_progress=False)
     first = trainer("killed")
@@ -460,6 +464,13 @@ def test_resume_with_the_terms_on_matches_an_uninterrupted_run(
     straight = log("straight")
     assert list(straight[0])[-3:] == ["flow_matching", "lpips", "contrastive"]
     assert len(straight) == 6 and log("killed") == straight
+    # DVCLive: each column of log.csv, each term at the steps it has a value, each step once
+    series = read_series(tmp_path / "killed" / "dvclive")
+    with (tmp_path / "killed" / "log.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert set(series) == set(rows[0]) - {"step"}
+    for column, points in series.items():
+        assert points == [(int(r["step"]), float(r[column])) for r in rows if r[column]], column
 
     plot = tmp_path / "loss.png"
     plot_loss(tmp_path / "killed" / "log.csv", plot, "phase one")

@@ -235,10 +235,39 @@ def group_tables(layout: Layout, params: Params, phase: str) -> list[Path]:
     return [Path(layout.eval_group_metrics(phase, g)) for g in groups]
 
 
-def write_choice(phase: str, params: Params, layout: Layout, out: Path) -> dict:
+def live_names(scales: list[str]) -> dict[tuple[str, str], str]:
+    """(scale key, metric) -> the DVCLive metric name: the metric alone with one strength,
+    `scale-S/metric` with several (as the image folders spell S)."""
+    return {
+        (s, m): m if len(scales) == 1 else f"scale-{s}/{m}" for s in scales for m in EVAL_METRICS
+    }
+
+
+def write_eval_live(phase: str, summary: dict, folder: Path) -> None:
+    """The phase's evaluation means as a DVCLive folder, rewritten whole: one row per
+    checkpoint (DVCLive's step = the checkpoint's step), each metric's mean at each strength
+    (a metric that could not be computed: no point)."""
+    from facelora.io.live import LiveSeries
+
+    steps = summary.get(phase, {})
+    scales = sorted({s for by in steps.values() for s in by}, key=float)
+    names = live_names(scales)
+    live = LiveSeries(folder)
+    for step in sorted(steps, key=int):
+        values = {
+            names[s, m]: entry.get(m) for s, entry in steps[step].items() for m in EVAL_METRICS
+        }
+        live.log(int(step), values, summary=False)
+    live.live.make_summary()
+
+
+def write_choice(
+    phase: str, params: Params, layout: Layout, out: Path, live_out: Path | None = None
+) -> dict:
     """The best checkpoint of one phase, from its own rows and the base rows only, so the
-    next phase can start from it before later phases are evaluated. For `base` (the model
-    alone) the record says so: what the first phase comes after."""
+    next phase can start from it before later phases are evaluated; with `live_out`, the
+    phase's means per checkpoint as a DVCLive folder there. For `base` (the model alone) the
+    record says so: what the first phase comes after."""
     if phase == BASE:
         if not Path(layout.base_metrics()).is_file():
             raise SettingsError("no evaluation rows for the base model: evaluate it first")
@@ -254,7 +283,10 @@ def write_choice(phase: str, params: Params, layout: Layout, out: Path) -> dict:
         write_json(out, choice)
         return choice
     tables = [Path(layout.base_metrics()), *group_tables(layout, params, phase)]
-    choice = choose(phase, summarize(gather(tables)), params, Path(layout.train_dir(phase)))
+    summary = summarize(gather(tables))
+    choice = choose(phase, summary, params, Path(layout.train_dir(phase)))
+    if live_out is not None:
+        write_eval_live(phase, summary, Path(live_out))
     write_json(out, choice)
     return choice
 

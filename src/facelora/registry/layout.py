@@ -21,6 +21,7 @@ wildcard arguments returns the Snakemake pattern (`{shard}`, `{phase}`, ...).
       eval/    phases/base/{metrics.csv,best.json}, phases/PHASE/group-G/metrics.csv,
                phases/PHASE/best.json, metrics.csv, summary.json, plots/PHASE.png,
                contact/PHASE.png
+      dvclive/ train/PHASE/, eval/PHASE/ (DVCLive folders: plots/metrics/*.tsv, metrics.json)
       final/   pytorch_lora_weights.safetensors, lora_comfyui.safetensors, final.json, README.md
 """
 
@@ -184,6 +185,11 @@ class Layout:
     def loss_plot(self, phase: object = "{phase}") -> str:
         return self._p("train", phase, "loss.png")
 
+    def train_live_dir(self, phase: object = "{phase}") -> str:
+        """The phase's DVCLive folder (log.csv's columns per step; DVC plots and metrics).
+        Outside train/PHASE, which DVC versions as one output."""
+        return self._p("dvclive", "train", phase)
+
     # -- evaluation ----------------------------------------------------------------------------
     def eval_phase_dir(self, phase: object = "{phase}") -> str:
         """A phase's evaluation jobs (phase `base`: the model alone)."""
@@ -224,6 +230,11 @@ class Layout:
 
     def contact_sheet(self, phase: object = "{phase}") -> str:
         return self._p("eval", "contact", f"{phase}.png")
+
+    def eval_live_dir(self, phase: object = "{phase}") -> str:
+        """The phase's DVCLive folder of evaluation means, one row per checkpoint step
+        (written by `choose`, beside best.json)."""
+        return self._p("dvclive", "eval", phase)
 
     # -- release -------------------------------------------------------------------------------
     def final_dir(self) -> str:

@@ -26,6 +26,7 @@ import torch
 from facelora.config import LossesParams, Params
 from facelora.errors import EnvironmentProblem, FaceloraError, SettingsError
 from facelora.io.atomic import atomic_path, write_json
+from facelora.io.live import LiveSeries
 from facelora.io.progress import progress
 from facelora.models import lora_io
 from facelora.models.adapters import FamilyAdapter, load_adapter, resolve_device
@@ -170,8 +171,10 @@ class Trainer:
         params: Params,
         init_lora: Path | None = None,
         cache_dir: Path | None = None,
+        live_dir: Path | None = None,
     ):
         self.phase, self.params = phase, params
+        self.live_dir = Path(live_dir) if live_dir else None  # DVCLive's folder (None: none)
         self.data_dir, self.out = Path(data_dir), Path(out)
         self.init_lora = Path(init_lora) if init_lora else None
         self.total = params.phase(phase).steps
@@ -571,6 +574,12 @@ class Trainer:
         resumed = self.resume()
         log_path = self.out / "log.csv"
         rows = _read_log(log_path, upto=self.step) if resumed else []
+        live = None
+        if self.live_dir is not None and self.rank == 0:
+            # rewritten from log.csv's kept rows: the steps a killed run logged after its last
+            # checkpoint are gone from both, and the resumed steps follow without a repeat
+            live = LiveSeries(self.live_dir)
+            live.replay(rows, self.log_columns[1:])
         train = self.params.train
         bar = progress(
             total=self.total,
@@ -621,6 +630,8 @@ class Trainer:
             for name in self.term_names:  # collectives: every process, the same order
                 row[name] = self._mean_present([p[name] for p in parts if p[name] is not None])
             rows.append(row)
+            if live is not None:
+                live.log(self.step, row)
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.2e}")
             if self.step % train.save_every == 0 or self.step == self.total:
@@ -753,10 +764,13 @@ def train_phase(
     show_progress: bool = True,
     summary_out: Path | None = None,
     plot_out: Path | None = None,
+    live_out: Path | None = None,
 ) -> dict:
-    """Train `phase` into the training folder `out` (checkpoints, log.csv); the summary and
-    the loss plot go to `summary_out` and `plot_out` (default: train.json, loss.png in out)."""
-    trainer = Trainer(phase, data_dir, out, params, init_lora, cache_dir)
+    """Train `phase` into the training folder `out` (checkpoints, log.csv); the summary, the
+    loss plot and the DVCLive folder go to `summary_out`, `plot_out` and `live_out` (default:
+    train.json, loss.png, dvclive/ in out)."""
+    live_out = live_out or Path(out) / "dvclive"
+    trainer = Trainer(phase, data_dir, out, params, init_lora, cache_dir, live_out)
     summary = trainer.run(show_progress=show_progress)
     if trainer.rank == 0:
         plot_loss(out / "log.csv", plot_out or out / "loss.png", f"phase {phase}")

@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-out", type=Path, default=None, help="default: OUT/train.json")
     p.add_argument("--plot-out", type=Path, default=None, help="default: OUT/loss.png")
     p.add_argument(
+        "--live-out", type=Path, default=None, help="the DVCLive folder (default: OUT/dvclive)"
+    )
+    p.add_argument(
         "--results",
         type=Path,
         default=None,
@@ -216,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("phase")
     p.add_argument("--results", type=Path, required=True, help="paths.results")
     p.add_argument("--out", type=Path, required=True, help="the choice (best.json)")
+    p.add_argument("--live-out", type=Path, default=None, help="the means as a DVCLive folder")
 
     p = sub.add_parser("eval-report", help="all rows, per-checkpoint means, plots, sheets")
     p.add_argument("--results", type=Path, required=True, help="paths.results")
@@ -653,6 +657,7 @@ def cmd_train(args, params) -> int:
         args.cache or Path(layout.cache_dir()),
         summary_out=args.summary_out,
         plot_out=args.plot_out,
+        live_out=args.live_out,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("phase", "steps", "final_loss", "resumed", "processes", "in_sync")
@@ -698,7 +703,8 @@ def cmd_evaluate(args, params) -> int:
 def cmd_choose(args, params) -> int:
     from facelora.evaluate.report import write_choice
 
-    choice = write_choice(args.phase, params, Layout(str(args.results)), args.out)
+    layout = Layout(str(args.results))
+    choice = write_choice(args.phase, params, layout, args.out, args.live_out)
     print(json.dumps({k: choice[k] for k in ("phase", "step", "score", "reason")}))
     return 0
 
