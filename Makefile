@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   # venv + the whole workflow on the embedded sample data
+#   make demo   # venv + the whole workflow on the embedded sample data, then results/report.html
 #   make test   # venv + the test suite
 # CI (.ci/run) runs `make lint` (ruff, snakefmt, snakemake --lint), then `make test`.
 PYTHON ?= python3
@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	test -d $(RAW) || $(BIN)/facelora sample-data $(RAW)
 	$(BIN)/snakemake --cores $(CORES) all
+	$(BIN)/snakemake --report results/report.html
 	$(BIN)/facelora summary
 
 test: $(VENV)/.installed

@@ -5,6 +5,9 @@
 # --profile slurm; settings: params.yaml.
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/prepare.smk"
 include: "rules/synthesis.smk"
@@ -20,3 +23,4 @@ rule all:
         rules.prepare.input,
         rules.train_all.input,
         rules.final.output,
+        rules.report_pages.output,

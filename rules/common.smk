@@ -33,3 +33,10 @@ PHASES = P.phase_names
 KINDS = P.synthesis.kinds
 MADE = [L.synthesis_dir(kind) for kind in KINDS]
 ENV = "../environment.yml"
+# the report's categories (`snakemake --report`), in the recipe's order
+DATA, TRAINING, EVALUATION, MODEL = (
+    "1. Data",
+    "2. Training",
+    "3. Evaluation",
+    "4. Model",
+)

@@ -102,8 +102,26 @@ rule eval_report:
     output:
         metrics=L.eval_metrics(),
         summary=L.eval_summary(),
-        plots=expand(L.eval_plot(), phase=PHASES),
-        sheets=expand(L.contact_sheet(), phase=PHASES),
+        plots=[
+            report(
+                L.eval_plot(phase),
+                caption="../report/eval_plot.rst",
+                category=EVALUATION,
+                subcategory=phase,
+                labels={"phase": phase, "figure": "metrics per checkpoint"},
+            )
+            for phase in PHASES
+        ],
+        sheets=[
+            report(
+                L.contact_sheet(phase),
+                caption="../report/contact_sheet.rst",
+                category=EVALUATION,
+                subcategory=phase,
+                labels={"phase": phase, "figure": "contact sheet"},
+            )
+            for phase in PHASES
+        ],
     log:
         "logs/eval_report.log",
     conda:

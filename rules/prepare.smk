@@ -248,8 +248,18 @@ rule summary:
         made=expand(L.synthesis_manifest(), kind=KINDS),
     output:
         summary=L.summary(),
-        funnel=L.funnel_plot(),
-        scores=L.scores_plot(),
+        funnel=report(
+            L.funnel_plot(),
+            caption="../report/funnel.rst",
+            category=DATA,
+            labels={"figure": "funnel"},
+        ),
+        scores=report(
+            L.scores_plot(),
+            caption="../report/scores.rst",
+            category=DATA,
+            labels={"figure": "pair scores"},
+        ),
     log:
         "logs/summary.log",
     conda:

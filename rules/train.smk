@@ -8,7 +8,13 @@ rule train:
         previous=previous_training(P, L),
     output:
         summary=L.train_summary(),
-        plot=L.loss_plot(),
+        plot=report(
+            L.loss_plot(),
+            caption="../report/loss.rst",
+            category=TRAINING,
+            subcategory="{phase}",
+            labels={"phase": "{phase}", "figure": "loss"},
+        ),
         live=directory(L.train_live_dir()),
     log:
         "logs/train/{phase}.log",

@@ -220,6 +220,7 @@ def make_project(dest: Path, raw: Path) -> Path:
     settings["train"]["save_every"] = 4
     (dest / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     shutil.copytree(ROOT / "rules", dest / "rules")
+    shutil.copytree(ROOT / "report", dest / "report")
     shutil.copytree(ROOT / "profiles", dest / "profiles")
     (dest / "results").mkdir()
     shutil.copy(ROOT / "results" / ".gitignore", dest / "results" / ".gitignore")

@@ -197,8 +197,16 @@ def test_dvc_experiment_retrains_and_compares(dvc_project):
     table = dvc(project, "exp", "show", "--csv").stdout
     rows = list(csv.DictReader(io.StringIO(table)))
     assert "chosen.best_quality.bg_ssim" in rows[0]  # the final metrics beside lr
-    assert {r["lr"] for r in rows if r["Experiment"]} == {"5e-05"}
-    assert {r["lr"] for r in rows if r["rev"] == "workspace"} == {"5e-05"}
+    # DVCLive logs `lr` too, so DVC names the setting's column by its file
+    lr = "params.yaml:lr" if "params.yaml:lr" in rows[0] else "lr"
+    assert {r[lr] for r in rows if r["Experiment"]} == {"5e-05"}
+    assert {r[lr] for r in rows if r["rev"] == "workspace"} == {"5e-05"}
+    # DVCLive's last training step of each phase, for the baseline commit and the experiment
+    (experiment,) = [r for r in rows if r["Experiment"]]
+    (baseline,) = [r for r in rows if r["rev"] not in ("workspace", experiment["rev"])]
+    for phase in ("broad", "best_quality"):
+        loss = f"results/dvclive/train/{phase}/metrics.json:loss"
+        assert float(experiment[loss]) != float(baseline[loss]), phase
     metrics = dvc(project, "metrics", "show").stdout
     assert "funnel.pairs_usable" in metrics
     assert "broad.4.1.bg_ssim" in metrics  # per-checkpoint (and LoRA strength) means
@@ -206,6 +214,23 @@ def test_dvc_experiment_retrains_and_compares(dvc_project):
     assert "results/eval/summary.json" in diff
     dvc(project, "plots", "diff", "HEAD", "--out", "dvc_plots")
     assert (project / "dvc_plots" / "index.html").is_file()
+    # the training and evaluation curves of both, from the files git keeps
+    shown = json.loads(
+        dvc(project, "plots", "diff", "HEAD", experiment["Experiment"], "--json").stdout
+    )
+    assert not shown.get("errors"), shown["errors"]
+    for series in (
+        "results/dvclive/train/broad/plots/metrics/loss.tsv",
+        "results/dvclive/eval/broad/plots/metrics/bg_ssim.tsv",
+    ):
+        values = shown["data"][series][0]["content"]["data"]["values"]
+        steps = {
+            rev: sorted(int(v["step"]) for v in values if v["rev"] == rev)
+            for rev in {v["rev"] for v in values}
+        }
+        assert len(steps) == 2, (series, steps)  # HEAD and the experiment
+        a, b = steps.values()
+        assert a == b and len(a) == len(set(a)), (series, steps)  # no step twice
 
 
 # made by the workflow but versioned by no stage: the demo's tiny model (rebuilt from its
@@ -343,3 +368,82 @@ def test_funnel_counts_agree_with_the_tables(snakemake_project):
     assert summary["funnel"]["pairs_usable"] == int((pairs["status"] == "ok").sum())
     assert summary["rejected"]["images"]
     assert filecmp.cmp(results / "summary" / "summary.json", results / "summary" / "summary.json")
+
+
+# --- the report ---------------------------------------------------------------------------
+
+PHASE_NAMES = ("broad", "skin_match", "best_quality")
+
+
+@pytest.fixture(scope="module")
+def report_html(snakemake_project) -> Path:
+    out = snakemake_project / Layout("results").report()
+    run([str(BIN / "snakemake"), "--report", str(out)], snakemake_project)
+    return out
+
+
+def test_the_report_holds_every_phase(snakemake_project, report_html):
+    from report_browser import data_uri_bytes, embedded
+
+    html = report_html.read_text()
+    results, categories = embedded(html, "results"), embedded(html, "categories")
+    L = Layout("results")  # the report names results by their paths in the project
+
+    def listed(category: str) -> set[str]:
+        return set().union(*categories[category].values())
+
+    for phase in PHASE_NAMES:
+        assert L.loss_plot(phase) in categories["2. Training"][phase]
+        assert {L.eval_plot(phase), L.contact_sheet(phase)} <= set(
+            categories["3. Evaluation"][phase]
+        )
+        assert phase in results[L.loss_plot(phase)]["caption"]  # the caption's template ran
+    assert {L.funnel_plot(), L.scores_plot(), L.report_funnel_page()} <= listed("1. Data")
+    assert listed("4. Model") == {L.report_card_page()}
+    # every result is embedded whole, so the file opens anywhere
+    for path, entry in results.items():
+        assert data_uri_bytes(entry["data_uri"]) == (snakemake_project / path).read_bytes(), path
+    card = data_uri_bytes(results[L.report_card_page()]["data_uri"]).decode()
+    assert "<h2>" in card and "<code>EDITFACE</code>" in card  # Markdown made HTML
+    # no script, style or picture fetched from a network
+    assert not re.search(r"<(script|link|img)\b[^>]*\b(src|href)=[\"']?(https?:)?//", html)
+
+
+def test_the_report_shows_its_pictures_in_a_browser_offline(snakemake_project, report_html):
+    import numpy as np
+    from PIL import Image
+    from report_browser import CHROMIUM, CHROMIUM_ARGS, browser, show
+
+    L = Layout(str(snakemake_project / "results"))
+    outside: list[str] = []
+    with browser() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+        page.on(
+            "request",
+            lambda r: (
+                None if r.url.startswith(("file:", "data:", "blob:")) else outside.append(r.url)
+            ),
+        )
+        checks = [("2. Training", p, "loss", L.loss_plot(p)) for p in PHASE_NAMES]
+        checks += [("3. Evaluation", p, "contact sheet", L.contact_sheet(p)) for p in PHASE_NAMES]
+        checks += [("1. Data", None, "funnel", L.funnel_plot())]
+        for category, phase, figure, png in checks:
+            page.goto(report_html.as_uri())
+            shown = [s for s in show(page, category, phase, figure)["shown"] if s["tag"] == "IMG"]
+            # the browser decoded the very picture the workflow wrote
+            assert [(s["width"], s["height"]) for s in shown] == [Image.open(png).size], (
+                category,
+                phase,
+                figure,
+                shown,
+            )
+        shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+        assert shot.std() > 20 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 1000  # not blank
+        page.goto(report_html.as_uri())
+        frames = show(page, "4. Model", None, None)["shown"]
+        assert [s["tag"] for s in frames] == ["IFRAME"]
+        card = page.frames[-1].inner_text("body")
+        assert "Trigger word" in card
+        chromium.close()
+    assert not outside, outside[:5]

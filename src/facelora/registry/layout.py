@@ -23,6 +23,8 @@ wildcard arguments returns the Snakemake pattern (`{shard}`, `{phase}`, ...).
                contact/PHASE.png
       dvclive/ train/PHASE/, eval/PHASE/ (DVCLive folders: plots/metrics/*.tsv, metrics.json)
       final/   pytorch_lora_weights.safetensors, lora_comfyui.safetensors, final.json, README.md
+      report/  funnel.html, model_card.html (the report's pages that are not pictures)
+    report.html (`snakemake --report`: every picture and page above, one self-contained file)
 """
 
 from __future__ import annotations
@@ -251,3 +253,16 @@ class Layout:
 
     def final_card(self) -> str:
         return self._p("final", "README.md")
+
+    # -- the Snakemake report --------------------------------------------------------------------
+    def report_funnel_page(self) -> str:
+        """The data funnel and the rejection reasons of every step, as a report page."""
+        return self._p("report", "funnel.html")
+
+    def report_card_page(self) -> str:
+        """The final model card, as a report page."""
+        return self._p("report", "model_card.html")
+
+    def report(self) -> str:
+        """`snakemake --report` writes it; no rule makes it."""
+        return self._p("report.html")

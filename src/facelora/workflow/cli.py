@@ -251,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: model.family",
     )
 
+    p = sub.add_parser("report-pages", help="the report's pages: data funnel and model card")
+    p.add_argument("--results", type=Path, default=None, help="default: paths.results")
+    p.add_argument("--funnel-out", type=Path, default=None, help="default: the layout's")
+    p.add_argument("--card-out", type=Path, default=None, help="default: the layout's")
+
     p = sub.add_parser("apply", help="edit the faces of photos with a LoRA, pasted back in place")
     p.add_argument("photos", type=Path, help="a photo or a folder of photos")
     p.add_argument(
@@ -809,6 +814,17 @@ def cmd_plan(args, params) -> int:
     return 0
 
 
+def cmd_report_pages(args, params) -> int:
+    from facelora.workflow.report_pages import write_pages
+
+    layout = Layout(str(args.results or params.paths.results))
+    funnel = args.funnel_out or Path(layout.report_funnel_page())
+    card = args.card_out or Path(layout.report_card_page())
+    write_pages(Path(layout.summary()), Path(layout.final_card()), funnel, card)
+    print(f"wrote {funnel} and {card}; the whole report: snakemake --report results/report.html")
+    return 0
+
+
 def cmd_summary(args, params) -> int:
     from facelora.prepare.summary import format_summary, write_summary
 
@@ -936,6 +952,7 @@ COMMANDS: dict[str, Command] = {
     "split": Command(cmd_split, reads=("seed", "split", "faces")),
     "select": Command(cmd_select, reads=(PHASE,)),
     "summary": Command(cmd_summary, reads=(PHASE, "synthesis.kinds"), uses=("paths.results",)),
+    "report-pages": Command(cmd_report_pages, uses=("paths.results",)),
     "plan": Command(cmd_plan),
     "make-tiny-model": Command(cmd_make_tiny_model),
     "train": Command(
