@@ -251,3 +251,11 @@ class Layout:
 
     def final_card(self) -> str:
         return self._p("final", "README.md")
+
+    # -- apply (a target asked for: snakemake apply) -------------------------------------------
+    def apply_dir(self) -> str:
+        """The photos of apply.photos with their faces edited by the final LoRA."""
+        return self._p("apply")
+
+    def apply_report(self) -> str:
+        return self._p("apply", "report.json")

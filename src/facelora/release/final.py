@@ -95,6 +95,13 @@ def build_final(params: Params, results: Path, out: Path) -> dict:
     )
     info = {
         "scale": scale,  # load with this strength (set_adapters / ComfyUI's strength_model)
+        "trigger": params.captions.trigger,  # the first word of every training caption
+        # how evaluation generated the edits it chose this checkpoint on
+        "inference": {
+            "resolution": params.eval.resolution,
+            "steps": params.eval.steps,
+            "guidance": params.eval.guidance,
+        },
         "base_model": {
             "family": params.model.family,
             "path": params.model.path,
