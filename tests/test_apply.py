@@ -360,3 +360,23 @@ def test_jpeg_inputs_lossless_or_reencoded(qwen, shared_faces, tmp_path):
         written = np.asarray(im.convert("RGB")).astype(int)
     outside = _outside(source.shape, [entry["faces"][0]["box"]], entry["faces"][0]["crop_side"])
     assert np.abs(written[outside] - source[outside].astype(int)).mean() < 3
+
+
+def test_the_command_says_where_photos_go_and_that_a_prompt_is_needed(qwen, tmp_path):
+    """As the `apply` rule calls it: no PHOTOS (apply.photos), no --prompt (apply.prompt)."""
+    import subprocess
+
+    import yaml
+
+    from helpers import BIN
+
+    params, lora, _ = qwen
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    args = [str(BIN / "facelora"), "apply", "--lora", str(lora), "--out", "out"]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "data/apply (apply.photos)" in done.stderr
+    (tmp_path / "data" / "apply").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "data" / "apply" / "a.png")
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2 and "apply.prompt" in done.stderr, done.stderr

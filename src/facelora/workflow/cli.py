@@ -771,8 +771,10 @@ def cmd_merge(args, params) -> int:
 
 
 def cmd_apply(args, params) -> int:
-    from facelora.apply.run import apply_photos, options_from
+    from facelora.apply.run import apply_photos, list_photos, options_from
 
+    photos = args.photos if args.photos is not None else Path(params.apply.photos)
+    list_photos(photos, params)  # first: without photos nothing else matters
     options = options_from(
         params,
         prompt=args.prompt,
@@ -783,7 +785,6 @@ def cmd_apply(args, params) -> int:
         skip_unedited=args.skip_unedited,
         references=args.reference,
     )
-    photos = args.photos if args.photos is not None else Path(params.apply.photos)
     report = apply_photos(params, photos, args.lora, args.out, options)
     print(json.dumps({"out": str(args.out), **report["counts"]}))
     return 0
