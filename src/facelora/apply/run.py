@@ -92,16 +92,16 @@ def list_photos(photos: Path, params: Params) -> list[tuple[str, Path]]:
     if photos.is_file():
         return [(photos.name, photos)]
     exts = set(params.images.extensions)
+    kinds = ", ".join(sorted(exts))
     if not photos.is_dir():
         raise MissingInput(
-            f"{photos}: no such photo or folder: put the photos to edit ({', '.join(exts)}) "
-            f"in {photos} (apply.photos) or name them on the command line"
+            f"{photos}: no such photo or folder: put the photos to edit ({kinds}) in {photos} "
+            "(apply.photos) or name them on the command line"
         )
     found = sorted(p for p in photos.rglob("*") if p.is_file() and p.suffix.lower() in exts)
     if not found:
         raise MissingInput(
-            f"{photos}: no photos ({', '.join(sorted(exts))}, images.extensions): put the "
-            "photos to edit there"
+            f"{photos}: no photos ({kinds}, images.extensions): put the photos to edit there"
         )
     return [(relative_name(p, photos), p) for p in found]
 

@@ -185,6 +185,9 @@ def model_card(info: dict, params: Params) -> str:
         f"(model_index {info['base_model']['model_index']}).",
         f"Trigger word: `{params.captions.trigger}`; LoRA rank {info['lora']['rank']}, "
         f"alpha {info['lora']['alpha']}, preset {info['lora']['preset']}.",
+        f"Evaluated at resolution {info['inference']['resolution']}, "
+        f"{info['inference']['steps']} steps, guidance {info['inference']['guidance']} "
+        "(eval.*, which `facelora apply` generates with too).",
         "",
         *strength_section(info["scale"]),
         "",
