@@ -15,6 +15,7 @@ include: "rules/models.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/release.smk"
+include: "rules/apply.smk"
 
 
 rule all:

@@ -7,6 +7,7 @@ from facelora.workflow.rules import (
     all_eval_group_outputs,
     command_settings,
     eval_group_outputs,
+    existing,
     folder,
     job_resources,
     load_workflow_params,

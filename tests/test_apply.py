@@ -234,7 +234,7 @@ def test_paste_touches_only_the_inside_of_the_square():
 
 def test_the_command_reads_the_final_folder(qwen, tiny_models, shared_faces, tmp_path):
     """`facelora apply` end to end, through the declared params: the final folder's
-    final.json gives the strength; --format same re-encodes a JPEG as JPEG."""
+    final.json gives the strength; --format same with apply.jpeg: reencode writes JPEG."""
     import subprocess
 
     import yaml
@@ -248,7 +248,9 @@ def test_the_command_reads_the_final_folder(qwen, tiny_models, shared_faces, tmp
     info = {"scale": 0.5, "base_model": {"family": "qwen_image_edit"}}
     (final / "final.json").write_text(json.dumps(info))
     settings = tmp_path / "params.yaml"
-    settings.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    dumped = params.model_dump(mode="json")
+    dumped["apply"]["jpeg"] = "reencode"
+    settings.write_text(yaml.safe_dump(dumped))
     photo = shared_faces / "same_person" / "obama" / "obama.jpg"
     args = [str(BIN / "facelora"), "--params", str(settings), "apply", str(photo)]
     args += ["--lora", str(final), "--prompt", PROMPT, "--out", str(tmp_path / "out")]
@@ -299,3 +301,82 @@ def test_photos_of_one_name_do_not_overwrite_each_other():
 
     items = [("a.jpg", Path("a.jpg")), ("a.png", Path("a.png")), ("sub/b.jpg", Path("b.jpg"))]
     assert output_stems(items) == {"a.jpg": "a.jpg", "a.png": "a.png", "sub/b.jpg": "sub/b"}
+
+
+def test_the_prompt_comes_from_the_params_or_is_refused(qwen):
+    from facelora.apply.run import options_from
+
+    params, _, _ = qwen
+    with pytest.raises(SettingsError, match="apply.prompt"):
+        options_from(params)
+    given = params.model_copy(
+        update={"apply": params.apply.model_copy(update={"prompt": PROMPT, "faces": "largest"})}
+    )
+    options = options_from(given)
+    assert options.prompt == PROMPT and options.faces == "largest"
+    flags = options_from(given, prompt="EDITFACE smile", faces="0", seed=3)
+    assert (flags.prompt, flags.faces, flags.seed) == ("EDITFACE smile", "0", 3)
+    with pytest.raises(ValueError, match="apply.faces"):
+        validate_params({"apply": {"faces": "first"}})
+
+
+def test_a_reference_changes_the_edit(qwen, shared_faces, tmp_path):
+    photo = shared_faces / "same_person" / "obama" / "obama.jpg"
+    reference = shared_faces / "group" / "two_people.jpg"
+    plain = _run(qwen, photo, tmp_path / "plain", seed=7)["photos"][0]
+    with_ref = _run(qwen, photo, tmp_path / "ref", seed=7, references=[reference])
+    entry = with_ref["photos"][0]
+    assert entry["status"] == "edited", entry
+    assert with_ref["references"] == [str(reference)]
+    a = np.asarray(Image.open(tmp_path / "plain" / plain["output"]))
+    b = np.asarray(Image.open(tmp_path / "ref" / entry["output"]))
+    assert not np.array_equal(a, b)
+    # a reference without a face is used whole, scaled down
+    _, _, applier = qwen
+    brick = applier.reference(shared_faces / "no_face" / "brick.png")
+    assert max(brick.size) <= applier.params.crop.output_side
+    face = applier.reference(reference)
+    assert face.size[0] == face.size[1]
+
+
+def test_too_many_references_are_refused(qwen, shared_faces, tmp_path):
+    photo = shared_faces / "same_person" / "obama" / "obama.jpg"
+    most = get_family("qwen_image_edit").max_references
+    with pytest.raises(SettingsError, match=f"at most {most}"):
+        _run(qwen, photo, tmp_path, references=[photo] * (most + 1))
+
+
+def test_jpeg_inputs_lossless_or_reencoded(qwen, shared_faces, tmp_path):
+    photo = shared_faces / "same_person" / "obama" / "obama.jpg"
+    source = _upright(photo)
+    exact = _run(qwen, photo, tmp_path / "exact", format="same")["photos"][0]
+    assert exact["output"] == "obama.png"
+    _check_edited(tmp_path / "exact", exact, source)
+    report = _run(qwen, photo, tmp_path / "jpeg", format="same", jpeg="reencode")
+    (entry,) = report["photos"]
+    assert entry["output"] == "obama.jpg"
+    with Image.open(tmp_path / "jpeg" / "obama.jpg") as im:
+        assert im.format == "JPEG" and im.size == (source.shape[1], source.shape[0])
+        written = np.asarray(im.convert("RGB")).astype(int)
+    outside = _outside(source.shape, [entry["faces"][0]["box"]], entry["faces"][0]["crop_side"])
+    assert np.abs(written[outside] - source[outside].astype(int)).mean() < 3
+
+
+def test_the_command_says_where_photos_go_and_that_a_prompt_is_needed(qwen, tmp_path):
+    """As the `apply` rule calls it: no PHOTOS (apply.photos), no --prompt (apply.prompt)."""
+    import subprocess
+
+    import yaml
+
+    from helpers import BIN
+
+    params, lora, _ = qwen
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    args = [str(BIN / "facelora"), "apply", "--lora", str(lora), "--out", "out"]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "data/apply (apply.photos)" in done.stderr
+    (tmp_path / "data" / "apply").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "data" / "apply" / "a.png")
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2 and "apply.prompt" in done.stderr, done.stderr

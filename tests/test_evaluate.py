@@ -275,6 +275,12 @@ def test_reports_choice_and_final_lora(trained, tmp_path):
     card = (final / "README.md").read_text()
     assert "EDITFACE" in card and "qwen_image_edit" in card and f"step {choice['step']}" in card
     assert info["data"]["validation"] != "absent"
+    # apply reads the trigger word and the generation settings of the choice from final.json
+    assert info["trigger"] == one_phase.captions.trigger
+    assert info["inference"]["steps"] == one_phase.eval.steps
+    from facelora.apply.lora import resolve
+
+    assert resolve(final).trigger == one_phase.captions.trigger
     compressed = one_phase.model_copy(
         update={"final": one_phase.final.model_copy(update={"merge_rank": 2})}
     )

@@ -447,3 +447,41 @@ def test_the_report_shows_its_pictures_in_a_browser_offline(snakemake_project, r
         assert "Trigger word" in card
         chromium.close()
     assert not outside, outside[:5]
+
+
+def test_snakemake_apply_edits_the_photos_of_data_apply(snakemake_project):
+    """`snakemake apply`: a target of its own, not part of `all`. Without photos it fails with
+    the command's message; with them (and apply.prompt) it edits them into results/apply."""
+    import shutil
+
+    import yaml
+
+    project = snakemake_project
+    L = Layout(str(project / "results"))
+    default = run([str(BIN / "snakemake"), "--cores", "1", "-n", "--forceall"], project)
+    assert "rule apply:" not in default.stdout  # not part of the default target
+    missing = run([str(BIN / "snakemake"), "--cores", "1", "apply"], project, check=False)
+    assert missing.returncode != 0
+    log = (project / "logs" / "apply.log").read_text()
+    assert "apply.photos" in log and "data/apply" in log and "Traceback" not in log
+    settings_file = project / "params.yaml"
+    saved = settings_file.read_text()
+    settings = yaml.safe_load(saved)
+    settings["apply"]["prompt"] = "EDITFACE add round glasses"
+    photos = project / "data" / "apply"
+    photos.mkdir()
+    shutil.copy(project / "data" / "raw" / "kontext" / "astronaut_glasses_start.jpg", photos)
+    try:
+        settings_file.write_text(yaml.safe_dump(settings, sort_keys=False))
+        dry = run([str(BIN / "snakemake"), "--cores", "1", "-n", "apply"], project)
+        assert "rule apply:" in dry.stdout and "results/final" in dry.stdout
+        assert not re.search(r"rule (train|final):", dry.stdout)  # only apply is left to run
+        run([str(BIN / "snakemake"), "--cores", "1", "apply"], project)
+        report = json.loads(Path(L.apply_report()).read_text())
+        assert report["prompt"] == "EDITFACE add round glasses"
+        assert report["counts"]["edited"] == 1, report
+        assert report["scale"] == json.loads(Path(L.final_info()).read_text())["scale"]
+        assert (Path(L.apply_dir()) / "astronaut_glasses_start.png").is_file()
+    finally:
+        settings_file.write_text(saved)
+        shutil.rmtree(photos)

@@ -750,6 +750,28 @@ class FinalParams(Section):
     fuse: bool = False  # also write the transformer with the LoRA fused in (large)
 
 
+class ApplyParams(Section):
+    """`facelora apply` (and the `apply` rule): its flags override these."""
+
+    photos: str = "data/apply"  # the rule's photos (a folder); the command's default PHOTOS
+    prompt: str = ""  # the edit, e.g. "EDITFACE add glasses"; empty: --prompt is required
+    faces: str = "all"  # all | largest | an index (0: the largest face)
+    seed: int | None = None  # None: the top-level seed
+    format: Literal["png", "same"] = "png"  # same: each photo in its input's format
+    # JPEG inputs with format same: lossless writes PNG (exact outside the faces), reencode
+    # writes JPEG at jpeg_quality (within re-encoding error)
+    jpeg: Literal["lossless", "reencode"] = "lossless"
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
+    skip_unedited: bool = False  # write nothing for photos left unedited
+
+    @field_validator("faces")
+    @classmethod
+    def _faces(cls, value: str) -> str:
+        if value in ("all", "largest") or value.isdigit():
+            return value
+        raise ValueError("give all, largest or a face index (0 = the largest)")
+
+
 # --- top level ----------------------------------------------------------------------------
 
 
@@ -824,6 +846,7 @@ class Params(Section):
     eval: EvalParams = EvalParams()
     objective: ObjectiveParams = ObjectiveParams()
     final: FinalParams = FinalParams()
+    apply: ApplyParams = ApplyParams()
 
     @model_validator(mode="after")
     def _vlm_scores_exist(self) -> Params:

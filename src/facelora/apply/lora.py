@@ -24,6 +24,7 @@ class LoraChoice:
     file: Path
     family: str | None  # None: nothing says (checked against the model's modules instead)
     scale: float | None  # the final model card's strength, when there is one
+    trigger: str | None = None  # the final model card's trigger word, when there is one
 
 
 def _json(path: Path) -> dict:
@@ -44,7 +45,7 @@ def resolve(path: str | Path) -> LoraChoice:
         file = path
     else:
         raise MissingInput(f"--lora {path}: no such file or folder")
-    family, scale = None, None
+    family, scale, trigger = None, None, None
     folders = [file.parent] + ([file.parent.parent] if file.parent.name == "ema" else [])
     for folder in folders:
         final = _json(folder / FINAL_INFO)
@@ -52,6 +53,7 @@ def resolve(path: str | Path) -> LoraChoice:
             family = family or final.get("base_model", {}).get("family")
             if final.get("scale") is not None:
                 scale = float(final["scale"])
+            trigger = trigger or final.get("trigger")
         family = family or _json(folder / "meta.json").get("family")
     if family is None:
         try:
@@ -59,7 +61,7 @@ def resolve(path: str | Path) -> LoraChoice:
                 family = (f.metadata() or {}).get(FAMILY_KEY)
         except Exception as exc:
             raise SettingsError(f"--lora {file}: not a readable safetensors file ({exc})") from None
-    return LoraChoice(file, family, scale)
+    return LoraChoice(file, family, scale, trigger)
 
 
 def check_family(choice: LoraChoice, family: str) -> None:

@@ -6,6 +6,7 @@ eval.guidance; model.*), paste the edit back through the inverse of the crop's m
 feathered mask and a colour match at the seam, and write the photo (PNG: outside the pasted
 squares it is the upright input, pixel for pixel) and a before/after sheet. Photos without a
 usable face are reported in report.json with the reason (and copied through, upright).
+Settings: apply.* (flags override them); reference images (swap LoRAs) follow each crop.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from facelora.apply import lora as lora_choice
 from facelora.apply.paste import paste, sheet
 from facelora.config import Params
 from facelora.errors import MissingInput, SettingsError
-from facelora.io.atomic import write_json, write_png
+from facelora.io.atomic import atomic_path, write_json, write_png
 from facelora.io.progress import progress
 from facelora.models.adapters import bucket_size, resolve_device
 from facelora.prepare.faces.align import CropRejected, output_side, plan_crop, warp_crop
 from facelora.prepare.faces.backends import FaceBackend, make_backend
 from facelora.prepare.faces.detect import largest_first
 from facelora.prepare.images import ImageRejected, decode_image, read_file, relative_name
+from facelora.registry.families import family as get_family
 
 log = logging.getLogger(__name__)
 REPORT = "report.json"
@@ -40,8 +42,39 @@ class ApplyOptions:
     scale: float | None = None  # None: the final model card's, else eval.lora_scale
     faces: str = "all"  # all | largest | an index (0: the largest face)
     seed: int | None = None  # None: params seed
-    format: str = "png"  # png | same (re-encode as the input's format: not exact)
+    format: str = "png"  # png | same (each photo in its input's format)
     skip_unedited: bool = False
+    jpeg: str = "lossless"  # JPEG inputs with format same: lossless (PNG) | reencode (JPEG)
+    jpeg_quality: int = 95
+    references: list[Path] = field(default_factory=list)  # after each crop, in order
+
+
+def resolve_prompt(prompt: str | None, params: Params) -> str:
+    """--prompt, else apply.prompt; neither: refused (there is no default edit)."""
+    prompt = params.apply.prompt if prompt is None else prompt
+    if not prompt.strip():
+        trigger = params.captions.trigger
+        raise SettingsError(
+            f'no prompt: pass --prompt "{trigger} <the edit>" or set apply.prompt in '
+            f'params.yaml (e.g. apply.prompt: "{trigger} add round glasses")'
+        )
+    return prompt
+
+
+def options_from(params: Params, **flags) -> ApplyOptions:
+    """The options: each flag given (not None), else its apply.* setting."""
+    a = params.apply
+    settings = {
+        "faces": a.faces,
+        "seed": a.seed,
+        "format": a.format,
+        "skip_unedited": a.skip_unedited,
+        "jpeg": a.jpeg,
+        "jpeg_quality": a.jpeg_quality,
+    }
+    given = {k: v for k, v in flags.items() if v is not None}
+    prompt = resolve_prompt(given.pop("prompt", None), params)
+    return ApplyOptions(prompt=prompt, **{**settings, **given})
 
 
 @dataclass
@@ -58,10 +91,18 @@ def list_photos(photos: Path, params: Params) -> list[tuple[str, Path]]:
     photos = Path(photos)
     if photos.is_file():
         return [(photos.name, photos)]
-    if not photos.is_dir():
-        raise MissingInput(f"{photos}: no such photo or folder")
     exts = set(params.images.extensions)
+    kinds = ", ".join(sorted(exts))
+    if not photos.is_dir():
+        raise MissingInput(
+            f"{photos}: no such photo or folder: put the photos to edit ({kinds}) in {photos} "
+            "(apply.photos) or name them on the command line"
+        )
     found = sorted(p for p in photos.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    if not found:
+        raise MissingInput(
+            f"{photos}: no photos ({kinds}, images.extensions): put the photos to edit there"
+        )
     return [(relative_name(p, photos), p) for p in found]
 
 
@@ -121,7 +162,33 @@ class Applier:
         apply_lora(self.pipe, self.choice.file, self.scale)
         self.backend = make_backend(params.faces)
 
-    def edit(self, crop: np.ndarray, prompt: str, seed: int) -> np.ndarray:
+    def reference(self, path: Path) -> Image.Image:
+        """A reference image, upright: its largest face cut like the photos' faces (crop.*),
+        or the whole image scaled to at most crop.output_side when no face is found."""
+        params = self.params
+        try:
+            raw = read_file(path, params.images)
+            rgb = decode_image(raw, params.images).rgb
+        except ImageRejected as exc:
+            raise MissingInput(f"--reference {path}: {exc.reason}") from None
+        h, w = rgb.shape[:2]
+        for landmarks in find_faces(rgb, raw, params, self.backend)[:1]:
+            try:
+                box, _ = plan_crop(landmarks, w, h, params.crop)
+            except CropRejected:
+                break
+            return Image.fromarray(warp_crop(rgb, box, output_side(box.side, params.crop)))
+        whole = Image.fromarray(rgb)
+        whole.thumbnail((params.crop.output_side, params.crop.output_side), Image.LANCZOS)
+        return whole
+
+    def edit(
+        self,
+        crop: np.ndarray,
+        prompt: str,
+        seed: int,
+        references: list[Image.Image] | None = None,
+    ) -> np.ndarray:
         from facelora.models.inference import generate
 
         e = self.params.eval
@@ -130,7 +197,7 @@ class Applier:
         array = generate(
             self.pipe,
             Image.fromarray(crop),
-            [],
+            references or [],
             prompt,
             width=width,
             height=height,
@@ -152,6 +219,7 @@ class Applier:
         options: ApplyOptions,
         seed: int,
         stem: str | None = None,
+        references: list[Image.Image] | None = None,
     ) -> PhotoResult:
         """Edit one photo into `out` as STEM.png (default: its name without the suffix)."""
         params = self.params
@@ -183,7 +251,7 @@ class Applier:
             side = output_side(box.side, params.crop)
             crop = warp_crop(photo, box, side)
             try:
-                new = self.edit(crop, options.prompt, seed + n)
+                new = self.edit(crop, options.prompt, seed + n, references)
             except ValueError as exc:
                 face.update(status="failed", reason=str(exc))
                 result.faces.append(face)
@@ -204,19 +272,46 @@ class Applier:
         if result.status != "edited" and options.skip_unedited:
             return result
         stem = stem or str(Path(rel).with_suffix(""))
-        target = out / f"{stem}.png"
-        if options.format == "same" and loaded.info.format in ("JPEG", "WEBP"):
-            target = out / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(edited).save(target, format=loaded.info.format, quality=95)
-        else:
-            write_png(target, edited)
+        target = write_photo(out, rel, stem, edited, loaded.info.format, options)
         result.output = str(target.relative_to(out))
         if result.status == "edited":
             sheet_path = out / SHEETS / f"{stem}.png"
             write_png(sheet_path, sheet(photo, edited))
             result.sheet = str(sheet_path.relative_to(out))
         return result
+
+
+def write_photo(
+    out: Path, rel: str, stem: str, rgb: np.ndarray, fmt: str | None, options: ApplyOptions
+) -> Path:
+    """OUT/STEM.png, or with --format same OUT/REL in the input's format: WebP lossless,
+    JPEG as PNG (apply.jpeg: lossless) or re-encoded (reencode, apply.jpeg_quality)."""
+    same = options.format == "same"
+    if same and (fmt == "WEBP" or (fmt == "JPEG" and options.jpeg == "reencode")):
+        target = out / rel
+        with atomic_path(target) as tmp:
+            if fmt == "WEBP":
+                Image.fromarray(rgb).save(tmp, format="WEBP", lossless=True)
+            else:  # upright pixels: no EXIF orientation is written
+                Image.fromarray(rgb).save(
+                    tmp, format="JPEG", quality=options.jpeg_quality, subsampling=0
+                )
+        return target
+    target = out / f"{stem}.png"
+    write_png(target, rgb)
+    return target
+
+
+def check_references(params: Params, references: list[Path]) -> None:
+    most = get_family(params.model.family).max_references
+    if len(references) > most:
+        raise SettingsError(
+            f"--reference: {len(references)} images, but {params.model.family} takes at most "
+            f"{most} besides the face crop: pass fewer"
+        )
+    for path in references:
+        if not Path(path).is_file():
+            raise MissingInput(f"--reference {path}: no such file")
 
 
 def apply_photos(
@@ -231,20 +326,28 @@ def apply_photos(
     if options.format not in ("png", "same"):
         raise SettingsError(f"--format {options.format}: give png or same")
     parse_faces(options.faces)
+    check_references(params, options.references)
     out = Path(out)
     items = list_photos(Path(photos), params)
     applier = applier or Applier(params, lora, options.scale)
+    trigger = applier.choice.trigger
+    if trigger and options.prompt.split()[:1] != [trigger]:
+        log.warning("the prompt does not start with the LoRA's trigger word %s", trigger)
+    references = [applier.reference(Path(p)) for p in options.references]
     seed = options.seed if options.seed is not None else params.seed
     stems = output_stems(items)
     results = []
     for i, (rel, path) in enumerate(progress(items, desc="apply", unit="photo")):
         # each photo's seeds depend only on its position, one per face
-        results.append(applier.apply_one(rel, path, out, options, seed + 1000 * i, stems[rel]))
+        results.append(
+            applier.apply_one(rel, path, out, options, seed + 1000 * i, stems[rel], references)
+        )
     report = {
         "lora": str(applier.choice.file),
         "family": params.model.family,
         "scale": applier.scale,
         "prompt": options.prompt,
+        "references": [str(p) for p in options.references],
         "seed": seed,
         "photos": [vars(r) for r in results],
         "counts": {

@@ -23,6 +23,7 @@ wildcard arguments returns the Snakemake pattern (`{shard}`, `{phase}`, ...).
                contact/PHASE.png
       dvclive/ train/PHASE/, eval/PHASE/ (DVCLive folders: plots/metrics/*.tsv, metrics.json)
       final/   pytorch_lora_weights.safetensors, lora_comfyui.safetensors, final.json, README.md
+      apply/   the photos of apply.photos with their faces edited, report.json (snakemake apply)
       report/  funnel.html, model_card.html (the report's pages that are not pictures)
     report.html (`snakemake --report`: every picture and page above, one self-contained file)
 """
@@ -266,3 +267,11 @@ class Layout:
     def report(self) -> str:
         """`snakemake --report` writes it; no rule makes it."""
         return self._p("report.html")
+
+    # -- apply (a target asked for: snakemake apply) -------------------------------------------
+    def apply_dir(self) -> str:
+        """The photos of apply.photos with their faces edited by the final LoRA."""
+        return self._p("apply")
+
+    def apply_report(self) -> str:
+        return self._p("apply", "report.json")

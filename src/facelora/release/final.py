@@ -95,6 +95,13 @@ def build_final(params: Params, results: Path, out: Path) -> dict:
     )
     info = {
         "scale": scale,  # load with this strength (set_adapters / ComfyUI's strength_model)
+        "trigger": params.captions.trigger,  # the first word of every training caption
+        # how evaluation generated the edits it chose this checkpoint on
+        "inference": {
+            "resolution": params.eval.resolution,
+            "steps": params.eval.steps,
+            "guidance": params.eval.guidance,
+        },
         "base_model": {
             "family": params.model.family,
             "path": params.model.path,
@@ -178,6 +185,9 @@ def model_card(info: dict, params: Params) -> str:
         f"(model_index {info['base_model']['model_index']}).",
         f"Trigger word: `{params.captions.trigger}`; LoRA rank {info['lora']['rank']}, "
         f"alpha {info['lora']['alpha']}, preset {info['lora']['preset']}.",
+        f"Evaluated at resolution {info['inference']['resolution']}, "
+        f"{info['inference']['steps']} steps, guidance {info['inference']['guidance']} "
+        "(eval.*, which `facelora apply` generates with too).",
         "",
         *strength_section(info["scale"]),
         "",

@@ -257,25 +257,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--card-out", type=Path, default=None, help="default: the layout's")
 
     p = sub.add_parser("apply", help="edit the faces of photos with a LoRA, pasted back in place")
-    p.add_argument("photos", type=Path, help="a photo or a folder of photos")
+    p.add_argument(
+        "photos", type=Path, nargs="?", help="a photo or a folder of photos (apply.photos)"
+    )
     p.add_argument(
         "--lora", type=Path, required=True, help="results/final, a checkpoint folder or a file"
     )
-    p.add_argument("--prompt", required=True, help='the edit, e.g. "EDITFACE add glasses"')
+    p.add_argument("--prompt", help='the edit, e.g. "EDITFACE add glasses" (apply.prompt)')
     p.add_argument("--out", type=Path, required=True, help="the folder to write")
     p.add_argument(
         "--scale", type=float, default=None, help="default: final.json's, else eval.lora_scale"
     )
-    p.add_argument("--faces", default="all", help="all | largest | INDEX (0 = largest)")
-    p.add_argument("--seed", type=int, default=None, help="default: seed")
+    p.add_argument("--faces", help="all | largest | INDEX (0 = largest) (apply.faces)")
+    p.add_argument("--seed", type=int, default=None, help="default: apply.seed, else seed")
     p.add_argument(
         "--format",
         choices=["png", "same"],
-        default="png",
-        help="png (lossless, exact outside the faces) or same: the input's format (re-encoded)",
+        help="png (exact outside the faces) or same: the input's format (apply.format, .jpeg)",
     )
     p.add_argument(
-        "--skip-unedited", action="store_true", help="write nothing for photos left unedited"
+        "--skip-unedited",
+        action="store_const",
+        const=True,
+        help="write nothing for photos left unedited (apply.skip_unedited)",
+    )
+    p.add_argument(
+        "--reference",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="reference images after each face crop (swap LoRAs; faces cut like the photos')",
     )
 
     p = sub.add_parser("make-tiny-model", help="a tiny random model of a family (demo, tests)")
@@ -765,17 +776,21 @@ def cmd_merge(args, params) -> int:
 
 
 def cmd_apply(args, params) -> int:
-    from facelora.apply.run import ApplyOptions, apply_photos
+    from facelora.apply.run import apply_photos, list_photos, options_from
 
-    options = ApplyOptions(
+    photos = args.photos if args.photos is not None else Path(params.apply.photos)
+    list_photos(photos, params)  # first: without photos nothing else matters
+    options = options_from(
+        params,
         prompt=args.prompt,
         scale=args.scale,
         faces=args.faces,
         seed=args.seed,
         format=args.format,
         skip_unedited=args.skip_unedited,
+        references=args.reference,
     )
-    report = apply_photos(params, args.photos, args.lora, args.out, options)
+    report = apply_photos(params, photos, args.lora, args.out, options)
     print(json.dumps({"out": str(args.out), **report["counts"]}))
     return 0
 
@@ -979,13 +994,17 @@ COMMANDS: dict[str, Command] = {
             "lora",
             "train",
             "captions.trigger",
+            "eval.resolution",
+            "eval.steps",
+            "eval.guidance",
             PHASE,
         ),
     ),
     "merge": Command(cmd_merge, reads=("model.family",)),
     "apply": Command(
         cmd_apply,
-        reads=("seed", "model", "eval", "images", "faces", "crop"),
+        reads=("seed", "model", "eval", "images", "faces", "crop", "apply"),
+        uses=("captions.trigger",),  # names the trigger in the no-prompt message
     ),
     "snakemake": Command(cmd_snakemake, uses=("workflow.profile",)),
 }

@@ -205,3 +205,9 @@ def folder(path: str):
     """A rule param: a results-layout folder the command writes into or reads from (passed as
     a function: the folder is the layout's, not a prefix derived from one of the rule's files)."""
     return lambda wildcards: path
+
+
+def existing(path: str) -> list[str]:
+    """`path` as an input when it exists, else none: the command then says what to put there
+    (clearer than Snakemake's missing-input error)."""
+    return [path] if os.path.exists(path) else []
