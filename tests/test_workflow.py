@@ -157,6 +157,7 @@ def test_dvc_repro_gives_the_same_outputs(tmp_path, sample_raw, dvc_project):
         "train@2",
         "evaluate",
         "merge",
+        "report",
     ]
     assert [line.split("'")[1] for line in log.splitlines() if "Running stage" in line] == stages
     # the model the demo trains is made by the workflow itself (a tiny random model)
@@ -169,6 +170,8 @@ def test_dvc_repro_gives_the_same_outputs(tmp_path, sample_raw, dvc_project):
     # git holds only the metric and plot files of results/; DVC holds the rest
     tracked = run(["git", "ls-files", "results"], project).stdout.split()
     assert "results/eval/summary.json" in tracked and "results/summary/summary.json" in tracked
+    assert "results/report/model_card.html" in tracked  # the report's pages, DVCLive's series
+    assert "results/dvclive/train/broad/plots/metrics/loss.tsv" in tracked
     assert not [t for t in tracked if t.startswith(("results/train", "results/phases"))]
 
 
