@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 DATA_RULES = {"detect", "gather_faces", "crop", "gather_crops", "pair_index", "pair"}
 DATA_RULES |= {"gather_pairs", "caption", "split", "select_phase", "summary", "make_tiny_model"}
 DATA_RULES |= {"synthesize", "gather_synthesis", "synthesis"}  # the demo's restoration pairs
-CPU_RULES = DATA_RULES | {"choose", "choose_base", "eval_report", "final"}
+CPU_RULES = DATA_RULES | {"choose", "choose_base", "eval_report", "final", "report_pages"}
 GPU_RULES = {"train", "evaluate", "evaluate_base"}
 
 
