@@ -1,0 +1,133 @@
+"""Benchmark: how long Snakemake and DVC take to plan the data half as the photos grow.
+
+For each N it builds a project (this repository's Snakefile, rules and params.yaml) whose
+data/raw holds the demo sample data plus N small distinct synthetic JPEGs (no faces: this
+measures the workflow, not detection), then prints:
+
+* plan, cold  - `snakemake -n prepare` before anything has run (every job to do);
+* data run    - `snakemake --cores C prepare` (the data half; the synthetic photos end as
+                "no face found" in faces/rejected.csv, the sample data's faces go on);
+* plan, no-op - `snakemake -n prepare` once that is done (nothing to do);
+* dvc add     - `dvc add data/raw` (hashes every photo once);
+* dvc status  - `dvc status` as a no-op, its state warm (the best of two).
+
+Run it:
+
+    .venv/bin/python benchmarks/bench_dag.py --photos 1000 --photos 10000 [--cores 2]
+
+Goal (issue 14): no-op planning under 5 s at 100,000 photos, flat in N once warm. It prints
+figures only; nothing is asserted. The projects are made under --workdir (default: a
+temporary folder, removed afterwards unless --keep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COPIED = ["Snakefile", "dvc.yaml", "environment.yml", "params.yaml"]
+COPIED_DIRS = ["rules", "report", "profiles", "slurm"]
+
+
+def make_project(dest: Path, photos: int) -> Path:
+    from facelora.prepare.sample_data import build_sample_data
+
+    dest.mkdir(parents=True)
+    for name in COPIED:
+        shutil.copy(ROOT / name, dest / name)
+    for name in COPIED_DIRS:
+        shutil.copytree(ROOT / name, dest / name)
+    (dest / "results").mkdir()
+    shutil.copy(ROOT / "results" / ".gitignore", dest / "results" / ".gitignore")
+    raw = dest / "data" / "raw"
+    build_sample_data(raw)
+    rng = np.random.default_rng(0)
+    for i in range(photos):  # 1,000 per folder, as a scraper would leave them
+        folder = raw / "bulk" / f"{i // 1000:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:07d}.jpg", quality=80)
+    return dest
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return seconds, proc.stdout + proc.stderr
+
+
+def measure(project: Path, cores: int) -> dict[str, float]:
+    snakemake = str(BIN / "snakemake")
+    out = {}
+    out["plan, cold"], _ = timed([snakemake, "-n", "--cores", str(cores), "prepare"], project)
+    out["data run"], _ = timed([snakemake, "--cores", str(cores), "prepare"], project)
+    out["plan, no-op"], log = timed([snakemake, "-n", "--cores", "1", "prepare"], project)
+    assert "Nothing to be done" in log, log[-500:]
+    git = ["git", "-c", "user.name=b", "-c", "user.email=b@b"]
+    timed([*git, "init", "-q"], project)
+    dvc = str(BIN / "dvc")
+    timed([dvc, "init", "-q"], project)
+    timed([dvc, "config", "core.analytics", "false"], project)
+    out["dvc add"], _ = timed([dvc, "add", "-q", "data/raw"], project)
+    out["dvc status"] = min(timed([dvc, "status"], project)[0] for _ in range(2))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", type=int, action="append", help="N (repeatable)")
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the projects")
+    args = parser.parse_args()
+    sizes = args.photos or [1000]
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_dag_"))
+    rows = []
+    try:
+        for n in sizes:
+            project = make_project(work / f"n{n}", n)
+            files = sum(1 for p in (project / "data" / "raw").rglob("*") if p.is_file())
+            figures = measure(project, args.cores)
+            rows.append((n, files, figures))
+            print(
+                f"N={n} ({files} files): "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in figures.items()),
+                flush=True,
+            )
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    names = list(rows[0][2])
+    print("\n| photos | files | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for n, files, figures in rows:
+        print(f"| {n:,} | {files:,} | " + " | ".join(f"{figures[k]:.1f} s" for k in names) + " |")
+    if len(rows) >= 2:  # the slope of no-op planning, extrapolated
+        (n0, _, a), (n1, _, b) = rows[0], rows[-1]
+        for name in ("plan, cold", "plan, no-op"):
+            slope = max(0.0, (b[name] - a[name]) / (n1 - n0))
+            guesses = ", ".join(
+                f"{n:,} photos {b[name] + slope * (n - n1):.0f} s" for n in (100_000, 1_000_000)
+            )
+            print(
+                f"{name}, extrapolated from the slope ({slope * 1000:.2f} s per 1,000): {guesses}"
+            )
+
+
+if __name__ == "__main__":
+    main()
