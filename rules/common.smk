@@ -10,12 +10,11 @@ from facelora.workflow.rules import (
     existing,
     folder,
     job_resources,
+    list_raw,
     load_workflow_params,
     previous_training,
     put_cli_on_path,
     raw_folder,
-    raw_images,
-    raw_sidecars,
     synthesis_kinds,
     train_processes,
 )
@@ -30,6 +29,8 @@ RAW = raw_folder(P)
 L = Layout(P.paths.results)
 SHARDS = list(range(P.workflow.shards))
 N_SHARDS = P.workflow.shards
+# one listing of paths.raw per shard: the detect jobs' inputs (not every photo)
+list_raw(P, L, in_job=not workflow.is_main_process)
 PHASES = P.phase_names
 KINDS = P.synthesis.kinds
 MADE = [L.synthesis_dir(kind) for kind in KINDS]

@@ -4,7 +4,7 @@
 
 rule detect:
     input:
-        lambda w: raw_images(P, int(w.shard)),
+        L.raw_listing(),
     output:
         faces=L.faces_shard(),
         images=L.images_shard(),
@@ -20,7 +20,8 @@ rule detect:
         raw=RAW,
         shard=lambda w: f"{w.shard}/{N_SHARDS}",
     shell:
-        "facelora detect {params.raw:q} --shard {params.shard} --out {output.faces}"
+        "facelora detect {params.raw:q} --shard {params.shard} --listing {input}"
+        " --out {output.faces}"
         " --images-out {output.images} --workers {threads} > {log} 2>&1"
 
 
@@ -48,7 +49,7 @@ rule gather_faces:
 
 rule crop:
     input:
-        photos=lambda w: raw_images(P, int(w.shard)),
+        listing=L.raw_listing(),
         faces=rules.gather_faces.output.faces,
         images=rules.gather_faces.output.images,
     output:
@@ -93,8 +94,8 @@ rule gather_crops:
 
 rule pair_index:
     input:
-        photos=raw_images(P),
-        sidecars=raw_sidecars(P),
+        listings=expand(L.raw_listing(), shard=SHARDS),
+        sidecars=L.raw_sidecars_listing(),
         images=rules.gather_faces.output.images,
         faces=rules.gather_faces.output.faces,
         crops=rules.gather_crops.output.crops,

@@ -99,6 +99,7 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
     from facelora.prepare.captions import caption_pairs
     from facelora.prepare.faces.crop import crop_shard, gather_crops
     from facelora.prepare.faces.detect import DetectOutputs, detect_shard, gather_detections
+    from facelora.prepare.listing import write_listings
     from facelora.prepare.pairs.index import build_index, write_index
     from facelora.prepare.pairs.score import gather_pairs, score_shard
     from facelora.prepare.phases import run_select
@@ -112,8 +113,10 @@ def run_data_half(raw: Path, results: Path, params: Params, shards: int = 1) -> 
     # leave identical step folders to compare
     S = Layout(str(results / "shards"))
     detected = [(S.faces_shard(i), S.images_shard(i)) for i in range(shards)]
+    # each shard reads its listing of the folder, as the workflow's detect jobs do
+    write_listings(raw, params.images, shards, S.raw_listing, S.raw_sidecars_listing())
     for i, (faces, images) in enumerate(detected):
-        detect_shard(raw, faces, images, params, (i, shards))
+        detect_shard(raw, faces, images, params, (i, shards), listing=S.raw_listing(i))
     gather_detections(detected, DetectOutputs(L.faces(), L.images(), L.faces_rejected()))
     crop_tables = [S.crops_shard(i) for i in range(shards)]
     for i, table in enumerate(crop_tables):

@@ -114,6 +114,42 @@ def test_changing_one_photo_reruns_only_its_shard(snakemake_project):
     assert counts.get("gather_faces") == 1
 
 
+def planned(project: Path) -> tuple[dict[str, int], int]:
+    """Jobs per rule, and input files named in all, of `snakemake -n --forceall` (everything)."""
+    out = run([str(BIN / "snakemake"), "--cores", "1", "-n", "--forceall"], project)
+    jobs: dict[str, int] = {}
+    inputs = 0
+    for line in out.stdout.splitlines():
+        head = re.match(r"^(?:local)?rule (\w+):", line)
+        if head:
+            jobs[head.group(1)] = jobs.get(head.group(1), 0) + 1
+        elif line.strip().startswith("input:"):
+            inputs += len(line.split(":", 1)[1].split(","))
+    return jobs, inputs
+
+
+def test_the_dag_does_not_grow_with_the_photos_in_a_shard(tmp_path, sample_raw):
+    """Planning names one listing per shard, not every photo: 300 more photos leave the jobs
+    and their inputs as they were (Snakemake's planning time follows these counts)."""
+    from PIL import Image
+
+    project = make_project(tmp_path / "project", sample_raw)
+    jobs, inputs = planned(project)
+    assert jobs["detect"] == jobs["crop"] == 2 and inputs < 200
+    bulk = project / "data" / "raw" / "bulk"
+    bulk.mkdir()
+    for i in range(300):
+        Image.new("RGB", (16, 16), (i % 256, i // 256, 7)).save(bulk / f"{i:04d}.jpg")
+    assert planned(project) == (jobs, inputs)
+    listed = Layout(str(project / "results"))
+    names = [
+        json.loads(line)[0]
+        for shard in range(2)
+        for line in Path(listed.raw_listing(shard)).read_text(encoding="utf-8").splitlines()
+    ]
+    assert sum(name.startswith("bulk/") for name in names) == 300
+
+
 def test_config_overrides_are_refused(snakemake_project):
     out = run([str(BIN / "snakemake"), "-n", "--config", "lr=0.1"], snakemake_project, check=False)
     assert out.returncode != 0

@@ -6,7 +6,8 @@ same functions. No code derives a path by renaming another. A function called wi
 wildcard arguments returns the Snakemake pattern (`{shard}`, `{phase}`, ...).
 
     results/
-      faces/   shards/N.faces.parquet, shards/N.images.parquet, faces.parquet, images.parquet,
+      faces/   listing/N.jsonl, listing/sidecars.jsonl (paths.raw, listed per shard),
+               shards/N.faces.parquet, shards/N.images.parquet, faces.parquet, images.parquet,
                rejected.csv
       crops/   shards/N.crops.parquet, the crop images, crops.parquet, rejected.csv
       synthesis/KIND/ the pairs one kind made (Kontext files), manifest.jsonl, images.parquet,
@@ -59,6 +60,14 @@ class Layout:
         return "/".join([str(self.root).rstrip("/"), *map(str, parts)])
 
     # -- faces and crops -----------------------------------------------------------------------
+    def raw_listing(self, shard: object = "{shard}") -> str:
+        """One shard's photos of paths.raw: name, size, mtime (facelora.prepare.listing)."""
+        return self._p("faces", "listing", f"{shard}.jsonl")
+
+    def raw_sidecars_listing(self) -> str:
+        """The caption and manifest files of paths.raw, listed alike."""
+        return self._p("faces", "listing", "sidecars.jsonl")
+
     def faces_shard(self, shard: object = "{shard}") -> str:
         return self._p("faces", "shards", f"{shard}.faces.parquet")
 

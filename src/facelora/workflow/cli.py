@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rejected-out", type=Path, help="without --shard: default rejected.csv beside --out"
     )
     p.add_argument("--shard", help="INDEX/COUNT: only this shard, write shard tables")
+    p.add_argument(
+        "--listing",
+        type=Path,
+        help="with --shard: the shard's listing of the folder (the workflow's; default: walk it)",
+    )
     p.add_argument("--workers", type=int, default=None)
 
     p = sub.add_parser("crop", help="cut an aligned square crop of every usable face")
@@ -375,8 +380,12 @@ def cmd_detect(args, params) -> int:
         shard = _shard(args.shard)
         if not args.images_out:
             raise UserError("--shard needs --images-out (this shard's images table)")
-        detect_shard(args.images_dir, args.out, args.images_out, params, shard, workers)
+        detect_shard(
+            args.images_dir, args.out, args.images_out, params, shard, workers, args.listing
+        )
         return 0
+    if args.listing:
+        raise UserError("--listing is one shard's: give --shard too")
     outputs = DetectOutputs.beside(args.out)  # standalone: the other tables beside --out
     outputs.images = args.images_out or outputs.images
     outputs.rejected = args.rejected_out or outputs.rejected

@@ -1,7 +1,8 @@
-"""Helpers the Snakefile uses: validated settings, per-shard input lists, the CLI path.
+"""Helpers the Snakefile uses: validated settings, the raw folder's listings, the CLI path.
 
-Snakemake tracks every raw file as an input of the shard that handles it, so changing one
-photo reruns one detect shard (and what depends on it), not the whole data half.
+Each detect shard depends on its listing of paths.raw (facelora.prepare.listing), rewritten
+only when one of its photos changed, so changing one photo reruns one detect shard (and what
+depends on it), not the whole data half, and planning does not grow with the photos.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,10 @@ import yaml
 
 from facelora.config import Params, ParamsError, load_params
 from facelora.errors import EnvironmentProblem
-from facelora.io.sharding import shard_of
-from facelora.prepare.images import scan_images
-from facelora.prepare.pairs.layouts import MANIFEST_SUFFIXES
 from facelora.registry.layout import Layout
 from facelora.workflow.declared import PHASE
 
 PARAMS_FILE = "params.yaml"
-SIDECAR_SUFFIXES = {".txt", *MANIFEST_SUFFIXES}
 
 
 def load_workflow_params(config: dict[str, Any], path: str = PARAMS_FILE) -> Params:
@@ -53,34 +49,20 @@ def put_cli_on_path() -> None:
         )
 
 
-@cache
-def _inventory(raw: str, extensions: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    from facelora.config import ImagesParams
+def list_raw(params: Params, layout: Layout, in_job: bool) -> None:
+    """Bring the per-shard listings of paths.raw up to date (each planning run reads the
+    folder once; facelora.prepare.listing). Not inside a cluster job, which re-reads the
+    Snakefile only to run its own rule: the planning run listed the folder already."""
+    if in_job:
+        return
+    from facelora.prepare.listing import write_listings
 
-    if not Path(raw).is_dir():
-        return ()
-    params = ImagesParams(extensions=list(extensions))
-    return tuple((rel, str(path)) for rel, path, _ in scan_images(raw, params))
-
-
-def raw_images(params: Params, shard: int | None = None) -> list[str]:
-    """Image files under paths.raw (all, or those of one detect/crop shard)."""
-    files = _inventory(params.paths.raw, tuple(params.images.extensions))
-    count = params.workflow.shards
-    return [p for rel, p in files if shard is None or shard_of(rel, count) == shard]
-
-
-def raw_sidecars(params: Params) -> list[str]:
-    """Caption and manifest files under paths.raw (inputs of the pair index)."""
-    raw = Path(params.paths.raw)
-    if not raw.is_dir():
-        return []
-    return sorted(
-        str(p)
-        for p in raw.rglob("*")
-        if p.suffix.lower() in SIDECAR_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(raw).parts)
+    write_listings(
+        params.paths.raw,
+        params.images,
+        params.workflow.shards,
+        layout.raw_listing,
+        layout.raw_sidecars_listing(),
     )
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facelora.config import Params
+from facelora.errors import MissingInput
 from facelora.io.atomic import write_csv, write_parquet
 from facelora.io.parallel import ordered_map
 from facelora.io.progress import progress
@@ -30,6 +31,7 @@ from facelora.prepare.faces.backends import FaceBackend, make_backend
 from facelora.prepare.faces.pose import head_pose
 from facelora.prepare.faces.types import Face
 from facelora.prepare.images import ImageRejected, RawFile, decode_image, read_file, scan_images
+from facelora.prepare.listing import read_listing
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +212,23 @@ def detect_shard(
     params: Params,
     shard: tuple[int, int] = (0, 1),
     workers: int = 1,
+    listing: str | Path | None = None,
 ) -> tuple[int, int]:
-    """Write this shard's faces and images tables. Returns (files, faces)."""
+    """Write this shard's faces and images tables. Returns (files, faces). With `listing`
+    (the shard's file from facelora.prepare.listing) its files are read instead of walking
+    the whole folder."""
+    if not Path(images_dir).is_dir():
+        raise MissingInput(f"images folder not found: {images_dir} (paths.raw in params.yaml)")
     # load the models here: a missing file fails once, with its message, before any work
     backend = make_backend(params.faces)
-    items = [
-        (rel, str(path), reason)
-        for rel, path, reason in scan_images(images_dir, params.images)
-        if in_shard(rel, shard)
-    ]
+    if listing is not None:
+        items = read_listing(listing, images_dir)
+    else:
+        items = [
+            (rel, str(path), reason)
+            for rel, path, reason in scan_images(images_dir, params.images)
+            if in_shard(rel, shard)
+        ]
     n_faces = 0
     with (
         ParquetRowWriter(faces_out, FACES) as faces_w,
