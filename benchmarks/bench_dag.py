@@ -7,22 +7,27 @@ measures the workflow, not detection), then prints:
 * plan, cold  - `snakemake -n prepare` before anything has run (every job to do);
 * data run    - `snakemake --cores C prepare` (the data half; the synthetic photos end as
                 "no face found" in faces/rejected.csv, the sample data's faces go on);
-* plan, no-op - `snakemake -n prepare` once that is done (nothing to do);
+* plan, no-op - `snakemake -n prepare` once that is done (nothing to do; the best of two);
 * dvc add     - `dvc add data/raw` (hashes every photo once);
 * dvc status  - `dvc status` as a no-op, its state warm (the best of two).
 
-Run it:
+and, per data step, the jobs' peak memory (the largest max RSS among its jobs, from the
+`benchmark:` files Snakemake writes under logs/benchmarks/) and their seconds in all, and the
+size per photo of the listings and of the images table. Run it:
 
-    .venv/bin/python benchmarks/bench_dag.py --photos 1000 --photos 10000 [--cores 2]
+    .venv/bin/python benchmarks/bench_dag.py --photos 1000 --photos 10000 --photos 100000
 
-Goal (issue 14): no-op planning under 5 s at 100,000 photos, flat in N once warm. It prints
+Goal: no-op planning under 5 s at 100,000 photos, flat in N once the listings are warm; the
+1,000,000-photo figures are extrapolated from the slope between the last two sizes. It prints
 figures only; nothing is asserted. The projects are made under --workdir (default: a
-temporary folder, removed afterwards unless --keep).
+temporary folder, removed afterwards unless --keep). Detection throughput on real faces is
+bench_data_throughput.py's.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import shutil
 import subprocess
@@ -40,12 +45,17 @@ COPIED = ["Snakefile", "dvc.yaml", "environment.yml", "params.yaml"]
 COPIED_DIRS = ["rules", "report", "profiles", "slurm"]
 
 
-def make_project(dest: Path, photos: int) -> Path:
+def make_project(dest: Path, photos: int, shards: int) -> Path:
+    import yaml
+
     from facelora.prepare.sample_data import build_sample_data
 
     dest.mkdir(parents=True)
     for name in COPIED:
         shutil.copy(ROOT / name, dest / name)
+    settings = yaml.safe_load((dest / "params.yaml").read_text())
+    settings["workflow"]["shards"] = shards
+    (dest / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     for name in COPIED_DIRS:
         shutil.copytree(ROOT / name, dest / name)
     (dest / "results").mkdir()
@@ -76,8 +86,9 @@ def measure(project: Path, cores: int) -> dict[str, float]:
     out = {}
     out["plan, cold"], _ = timed([snakemake, "-n", "--cores", str(cores), "prepare"], project)
     out["data run"], _ = timed([snakemake, "--cores", str(cores), "prepare"], project)
-    out["plan, no-op"], log = timed([snakemake, "-n", "--cores", "1", "prepare"], project)
-    assert "Nothing to be done" in log, log[-500:]
+    noop = [timed([snakemake, "-n", "--cores", "1", "prepare"], project) for _ in range(2)]
+    out["plan, no-op"] = min(seconds for seconds, _ in noop)
+    assert "Nothing to be done" in noop[-1][1], noop[-1][1][-500:]
     git = ["git", "-c", "user.name=b", "-c", "user.email=b@b"]
     timed([*git, "init", "-q"], project)
     dvc = str(BIN / "dvc")
@@ -88,22 +99,49 @@ def measure(project: Path, cores: int) -> dict[str, float]:
     return out
 
 
+def step_figures(project: Path) -> dict[str, tuple[int, float, float]]:
+    """{step: (jobs, largest max RSS in MB, seconds of all its jobs)} from logs/benchmarks."""
+    steps: dict[str, list[tuple[float, float]]] = {}
+    root = project / "logs" / "benchmarks"
+    for path in sorted(root.rglob("*.tsv")):
+        step = path.relative_to(root).parts[0].removesuffix(".tsv")
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                rss = float(row["max_rss"]) if row["max_rss"] not in ("", "NA") else 0.0
+                steps.setdefault(step, []).append((rss, float(row["s"])))
+    return {k: (len(v), max(r for r, _ in v), sum(t for _, t in v)) for k, v in steps.items()}
+
+
+def bytes_per_photo(project: Path, files: int) -> dict[str, float]:
+    from facelora.registry.layout import Layout
+
+    layout = Layout(str(project / "results"))
+    listing = Path(layout.raw_listing(0)).parent
+    return {
+        "listings": sum(p.stat().st_size for p in listing.glob("*.jsonl")) / files,
+        "images.parquet": Path(layout.images()).stat().st_size / files,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, action="append", help="N (repeatable)")
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--shards", type=int, default=2, help="workflow.shards")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the projects")
     args = parser.parse_args()
-    sizes = args.photos or [1000]
+    sizes = args.photos or [1000, 10_000, 100_000]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_dag_"))
-    rows = []
+    rows, steps, sizes_per_photo = [], {}, {}
     try:
         for n in sizes:
-            project = make_project(work / f"n{n}", n)
+            project = make_project(work / f"n{n}", n, args.shards)
             files = sum(1 for p in (project / "data" / "raw").rglob("*") if p.is_file())
             figures = measure(project, args.cores)
             rows.append((n, files, figures))
+            steps[n] = step_figures(project)
+            sizes_per_photo[n] = bytes_per_photo(project, files)
             print(
                 f"N={n} ({files} files): "
                 + ", ".join(f"{k} {v:.1f} s" for k, v in figures.items()),
@@ -117,12 +155,24 @@ def main() -> None:
     print("|---|---|" + "---|" * len(names))
     for n, files, figures in rows:
         print(f"| {n:,} | {files:,} | " + " | ".join(f"{figures[k]:.1f} s" for k in names) + " |")
-    if len(rows) >= 2:  # the slope of no-op planning, extrapolated
-        (n0, _, a), (n1, _, b) = rows[0], rows[-1]
-        for name in ("plan, cold", "plan, no-op"):
+    print("\n| step | " + " | ".join(f"{n:,}: jobs, peak MB, s" for n in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    for step in steps[sizes[-1]]:
+        cells = []
+        for n in steps:
+            jobs, rss, seconds = steps[n].get(step, (0, 0.0, 0.0))
+            cells.append(f"{jobs}, {rss:.0f}, {seconds:.1f}")
+        print(f"| {step} | " + " | ".join(cells) + " |")
+    for n, per in sizes_per_photo.items():
+        print(f"bytes per photo at {n:,}: " + ", ".join(f"{k} {v:.0f}" for k, v in per.items()))
+    if len(rows) >= 2:  # the slope between the last two sizes, extrapolated
+        (n0, _, a), (n1, _, b) = rows[-2], rows[-1]
+        for name in ("plan, cold", "plan, no-op", "dvc status"):
             slope = max(0.0, (b[name] - a[name]) / (n1 - n0))
             guesses = ", ".join(
-                f"{n:,} photos {b[name] + slope * (n - n1):.0f} s" for n in (100_000, 1_000_000)
+                f"{n:,} photos {b[name] + slope * (n - n1):.0f} s"
+                for n in (100_000, 1_000_000)
+                if n > n1
             )
             print(
                 f"{name}, extrapolated from the slope ({slope * 1000:.2f} s per 1,000): {guesses}"

@@ -11,6 +11,8 @@ rule apply:
         directory(L.apply_dir()),
     log:
         "logs/apply.log",
+    benchmark:
+        "logs/benchmarks/apply.tsv"
     conda:
         ENV
     threads: P.resources.eval.cpus

@@ -10,6 +10,8 @@ rule evaluate_base:
         backends=L.metric_backends(L.base_dir()),
     log:
         "logs/evaluate/base.log",
+    benchmark:
+        "logs/benchmarks/evaluate/base.tsv"
     conda:
         ENV
     threads: P.resources.eval.cpus
@@ -33,6 +35,8 @@ rule evaluate:
         backends=L.metric_backends(L.eval_group_dir()),
     log:
         "logs/evaluate/{phase}-{group}.log",
+    benchmark:
+        "logs/benchmarks/evaluate/{phase}-{group}.tsv"
     wildcard_constraints:
         phase="|".join(PHASES),
         group=r"\d+",
@@ -61,6 +65,8 @@ rule choose:
         live=directory(L.eval_live_dir()),
     log:
         "logs/choose/{phase}.log",
+    benchmark:
+        "logs/benchmarks/choose/{phase}.tsv"
     wildcard_constraints:
         phase="|".join(PHASES),
     conda:
@@ -82,6 +88,8 @@ rule choose_base:
         L.best("base"),
     log:
         "logs/choose/base.log",
+    benchmark:
+        "logs/benchmarks/choose/base.tsv"
     conda:
         ENV
     resources:
@@ -124,6 +132,8 @@ rule eval_report:
         ],
     log:
         "logs/eval_report.log",
+    benchmark:
+        "logs/benchmarks/eval_report.tsv"
     conda:
         ENV
     resources:

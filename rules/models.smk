@@ -6,6 +6,8 @@ rule make_tiny_model:
         directory(L.tiny_model()),
     log:
         "logs/make_tiny_model/{family}.log",
+    benchmark:
+        "logs/benchmarks/make_tiny_model/{family}.tsv"
     wildcard_constraints:
         family="|".join(FAMILY_NAMES),
     conda:

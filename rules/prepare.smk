@@ -10,6 +10,8 @@ rule detect:
         images=L.images_shard(),
     log:
         "logs/detect/{shard}.log",
+    benchmark:
+        "logs/benchmarks/detect/{shard}.tsv"
     conda:
         ENV
     threads: P.workflow.workers
@@ -35,6 +37,8 @@ rule gather_faces:
         rejected=L.faces_rejected(),
     log:
         "logs/gather_faces.log",
+    benchmark:
+        "logs/benchmarks/gather_faces.tsv"
     conda:
         ENV
     resources:
@@ -56,6 +60,8 @@ rule crop:
         shard=L.crops_shard(),
     log:
         "logs/crop/{shard}.log",
+    benchmark:
+        "logs/benchmarks/crop/{shard}.tsv"
     conda:
         ENV
     threads: P.workflow.workers
@@ -80,6 +86,8 @@ rule gather_crops:
         rejected=L.crops_rejected(),
     log:
         "logs/gather_crops.log",
+    benchmark:
+        "logs/benchmarks/gather_crops.tsv"
     conda:
         ENV
     resources:
@@ -105,6 +113,8 @@ rule pair_index:
         rejected=L.pair_index_rejected(),
     log:
         "logs/pair_index.log",
+    benchmark:
+        "logs/benchmarks/pair_index.tsv"
     conda:
         ENV
     resources:
@@ -130,6 +140,8 @@ rule pair:
         shard=L.pairs_shard(),
     log:
         "logs/pair/{shard}.log",
+    benchmark:
+        "logs/benchmarks/pair/{shard}.tsv"
     conda:
         ENV
     threads: P.workflow.workers
@@ -158,6 +170,8 @@ rule gather_pairs:
         rejected=L.pairs_rejected(),
     log:
         "logs/gather_pairs.log",
+    benchmark:
+        "logs/benchmarks/gather_pairs.tsv"
     conda:
         ENV
     resources:
@@ -180,6 +194,8 @@ rule caption:
         rejected=L.captions_rejected(),
     log:
         "logs/caption.log",
+    benchmark:
+        "logs/benchmarks/caption.tsv"
     conda:
         ENV
     resources:
@@ -204,6 +220,8 @@ rule split:
         validation=directory(L.validation_dir()),
     log:
         "logs/split.log",
+    benchmark:
+        "logs/benchmarks/split.tsv"
     conda:
         ENV
     resources:
@@ -228,6 +246,8 @@ rule select_phase:
         directory(L.phase_dir()),
     log:
         "logs/select/{phase}.log",
+    benchmark:
+        "logs/benchmarks/select/{phase}.tsv"
     wildcard_constraints:
         phase="|".join(PHASES),
     conda:
@@ -263,6 +283,8 @@ rule summary:
         ),
     log:
         "logs/summary.log",
+    benchmark:
+        "logs/benchmarks/summary.tsv"
     conda:
         ENV
     resources:

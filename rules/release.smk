@@ -9,6 +9,8 @@ rule final:
         directory(L.final_dir()),
     log:
         "logs/final.log",
+    benchmark:
+        "logs/benchmarks/final.tsv"
     conda:
         ENV
     resources:
@@ -39,6 +41,8 @@ rule report_pages:
         ),
     log:
         "logs/report_pages.log",
+    benchmark:
+        "logs/benchmarks/report_pages.tsv"
     conda:
         ENV
     resources:

@@ -13,6 +13,8 @@ rule synthesize:
         faces=L.synthesis_shard_faces(),
     log:
         "logs/synthesize/{kind}/{shard}.log",
+    benchmark:
+        "logs/benchmarks/synthesize/{kind}/{shard}.tsv"
     wildcard_constraints:
         kind=synthesis_kinds(P, on_gpu=False),
     conda:
@@ -57,6 +59,8 @@ rule gather_synthesis:
         failed=L.synthesis_failed(),
     log:
         "logs/gather_synthesis/{kind}.log",
+    benchmark:
+        "logs/benchmarks/gather_synthesis/{kind}.tsv"
     wildcard_constraints:
         kind="|".join(KINDS) or "-",
     conda:
@@ -78,6 +82,8 @@ rule synthesis:
         L.synthesis_summary(),
     log:
         "logs/synthesis.log",
+    benchmark:
+        "logs/benchmarks/synthesis.tsv"
     conda:
         ENV
     resources:

@@ -18,6 +18,8 @@ rule train:
         live=directory(L.train_live_dir()),
     log:
         "logs/train/{phase}.log",
+    benchmark:
+        "logs/benchmarks/train/{phase}.tsv"
     wildcard_constraints:
         phase="|".join(PHASES),
     conda:
