@@ -123,11 +123,33 @@ def bytes_per_photo(project: Path, files: int) -> dict[str, float]:
     }
 
 
+def plan_with_shards(project: Path, shards: int) -> tuple[float, int]:
+    """Seconds and jobs of `snakemake -n prepare` with workflow.shards = `shards` (every job
+    to do: a new count reshuffles the photos)."""
+    import yaml
+
+    path = project / "params.yaml"
+    settings = yaml.safe_load(path.read_text())
+    settings["workflow"]["shards"] = shards
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    snakemake = str(BIN / "snakemake")
+    seconds, log = timed([snakemake, "prepare", "-n", "--cores", "1", "--quiet", "rules"], project)
+    jobs = next(int(line.split()[1]) for line in log.splitlines() if line.startswith("total"))
+    return seconds, jobs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, action="append", help="N (repeatable)")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--shards", type=int, default=2, help="workflow.shards")
+    parser.add_argument(
+        "--plan-shards",
+        type=int,
+        action="append",
+        default=[],
+        help="also time the cold plan of the largest N with this many shards (repeatable)",
+    )
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the projects")
     args = parser.parse_args()
@@ -147,6 +169,9 @@ def main() -> None:
                 + ", ".join(f"{k} {v:.1f} s" for k, v in figures.items()),
                 flush=True,
             )
+        for shards in args.plan_shards:  # the DAG's size follows the shards
+            seconds, jobs = plan_with_shards(project, shards)
+            print(f"N={sizes[-1]}, {shards} shards: plan, cold {seconds:.1f} s, {jobs} jobs")
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -79,6 +79,18 @@ def test_a_listing_is_rewritten_only_when_its_own_photos_change(tmp_path):
     assert {name for name in later if later[name] != now[name]} == {"sidecars.jsonl"}
 
 
+def test_names_that_are_not_utf8_are_listed_with_their_reason(tmp_path):
+    raw = make_raw(tmp_path / "raw", NAMES[:3])
+    for name in (b"caf\xe9.jpg", b"caf\xe9.txt"):
+        (raw / os.fsdecode(name)).write_bytes(b"x")
+    folder, stats = listings(tmp_path, raw, 1)
+    rows = {rel: reason for rel, _, reason in read_listing(folder / "0.jsonl", raw)}
+    assert rows["caf\\xe9.jpg"] == "file name is not valid UTF-8: rename the file"
+    assert stats.photos == 4 and stats.sidecars == 1
+    sidecar = (folder / "sidecars.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)[0] for line in sidecar] == ["caf\\xe9.txt"]
+
+
 def test_a_touched_photo_reruns_its_shard_like_an_edited_one(tmp_path):
     raw = make_raw(tmp_path / "raw", NAMES)
     listings(tmp_path, raw, 2)

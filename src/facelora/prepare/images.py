@@ -91,6 +91,48 @@ def relative_name(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def walk_files(root: str | Path) -> Iterator[tuple[str, os.DirEntry]]:
+    """(relative name, entry) of every file under root, following links, hidden folders
+    (.git, .dvc, ...) skipped: each folder's files in name order, then its subfolders in
+    name order (os.walk's order, without building a Path per file)."""
+    stack = [("", os.fspath(root))]
+    while stack:
+        prefix, folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue  # an unreadable folder: os.walk skips it too
+        subfolders = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not entry.name.startswith("."):
+                    subfolders.append((prefix + entry.name + "/", entry.path))
+            else:
+                yield prefix + entry.name, entry
+        stack.extend(reversed(subfolders))
+
+
+def image_reason(rel: str, accepted: set[str]) -> tuple[str, str | None] | None:
+    """(shown name, reason) for an image-like file name (None: not an image, e.g. a caption).
+    The reason is None for files to decode, or why the file is refused without reading it."""
+    ext = os.path.splitext(rel)[1].lower()
+    if ext not in accepted and ext not in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return None  # captions, manifests and other sidecar files
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return shown, "file name is not valid UTF-8: rename the file"
+    if ext in UNSUPPORTED_IMAGE_EXTENSIONS:
+        supported = ", ".join(sorted(accepted))
+        return rel, f"unsupported file type {ext} (supported: {supported})"
+    return rel, None
+
+
 def scan_images(root: str | Path, params: ImagesParams) -> Iterator[tuple[str, Path, str | None]]:
     """Yield (relative name, path, reason) for every image-like file under root, sorted.
 
@@ -101,25 +143,10 @@ def scan_images(root: str | Path, params: ImagesParams) -> Iterator[tuple[str, P
     if not root.is_dir():
         raise MissingInput(f"images folder not found: {root} (paths.raw in params.yaml)")
     accepted = set(params.extensions)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            ext = path.suffix.lower()
-            if ext not in accepted and ext not in UNSUPPORTED_IMAGE_EXTENSIONS:
-                continue  # captions, manifests and other sidecar files
-            rel = relative_name(path, root)
-            try:
-                rel.encode("utf-8")
-            except UnicodeEncodeError:
-                shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                yield shown, path, "file name is not valid UTF-8: rename the file"
-                continue
-            if ext in UNSUPPORTED_IMAGE_EXTENSIONS:
-                supported = ", ".join(sorted(accepted))
-                yield rel, path, f"unsupported file type {ext} (supported: {supported})"
-            else:
-                yield rel, path, None
+    for rel, entry in walk_files(root):
+        found = image_reason(rel, accepted)
+        if found is not None:
+            yield found[0], Path(entry.path), found[1]
 
 
 @dataclass

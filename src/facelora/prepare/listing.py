@@ -19,16 +19,16 @@ import json
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from facelora.config import ImagesParams
 from facelora.io.sharding import shard_of
-from facelora.prepare.images import scan_images
+from facelora.prepare.images import image_reason, walk_files
 from facelora.prepare.pairs.layouts import MANIFEST_SUFFIXES
 
 SIDECAR_SUFFIXES = frozenset({".txt", *MANIFEST_SUFFIXES})
+_encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps, without its per-call setup
 SPILL_EVERY = 50_000  # entries held in memory before they go to the spill files
 
 
@@ -39,27 +39,23 @@ class ListingStats:
     rewritten: int = 0  # shard listings whose content changed (their jobs rerun)
 
 
-def _stat(path: Path) -> tuple[int, int]:
+def _line(rel: str, entry: os.DirEntry, reason: str | None) -> str:
     try:
-        st = path.stat()
+        st = entry.stat()
+        size, mtime = st.st_size, st.st_mtime_ns
     except OSError:
-        return -1, -1  # a broken link: detect records why it cannot be read
-    return st.st_size, st.st_mtime_ns
+        size = mtime = -1  # a broken link: detect records why it cannot be read
+    return _encode([rel, size, mtime, reason]) + "\n"
 
 
-def _line(rel: str, path: Path, reason: str | None) -> str:
-    size, mtime = _stat(path)
-    return json.dumps([rel, size, mtime, reason], ensure_ascii=False) + "\n"
+def printable(rel: str) -> str:
+    """A file name that is not valid UTF-8, with its odd bytes written as \\xNN."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def scan_sidecars(root: Path) -> Iterator[tuple[str, Path]]:
-    """Caption and manifest files under root (hidden folders skipped), in name order."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if Path(name).suffix.lower() in SIDECAR_SUFFIXES and not name.startswith("."):
-                path = Path(dirpath) / name
-                yield path.relative_to(root).as_posix(), path
+def is_sidecar(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in SIDECAR_SUFFIXES
 
 
 def _replace_if_changed(fresh: Path, target: Path) -> bool:
@@ -101,17 +97,22 @@ def write_listings(
         for shard in range(shards):
             (spill / f"{shard}.jsonl").touch()
         with open(spill / "sidecars.jsonl", "w", encoding="utf-8") as side:
-            if raw.is_dir():
-                for rel, path, reason in scan_images(raw, images):
-                    buffers[shard_of(rel, shards)].append(_line(rel, path, reason))
-                    stats.photos += 1
-                    held += 1
-                    if held >= SPILL_EVERY:
-                        flush()
-                        held = 0
-                for rel, path in scan_sidecars(raw):
-                    side.write(_line(rel, path, None))
-                    stats.sidecars += 1
+            accepted = set(images.extensions)
+            # one walk for both (scan_images' order and rules: the same files, faster)
+            for rel, entry in walk_files(raw) if raw.is_dir() else ():
+                found = image_reason(rel, accepted)
+                if found is None:
+                    if is_sidecar(rel):
+                        side.write(_line(printable(rel), entry, None))
+                        stats.sidecars += 1
+                    continue
+                shown, reason = found
+                buffers[shard_of(shown, shards)].append(_line(shown, entry, reason))
+                stats.photos += 1
+                held += 1
+                if held >= SPILL_EVERY:
+                    flush()
+                    held = 0
         flush()
         for shard in range(shards):
             stats.rewritten += _replace_if_changed(
