@@ -132,3 +132,20 @@ def test_a_missing_folder_lists_nothing_and_detect_says_where_the_photos_go(tmp_
             (0, 2),
             listing=folder / "0.jsonl",
         )
+
+
+def test_a_cluster_job_does_not_list_the_folder_again(tmp_path):
+    """A Slurm job re-reads the Snakefile only to run its rule: the planning run listed."""
+    from facelora.config import validate_params
+    from facelora.registry.layout import Layout
+    from facelora.workflow.rules import list_raw
+
+    raw = make_raw(tmp_path / "raw", NAMES)
+    params = validate_params({"paths": {"raw": str(raw), "results": str(tmp_path / "results")}})
+    layout = Layout(params.paths.results)
+    list_raw(params, layout, in_job=True)
+    assert not (tmp_path / "results").exists()
+    list_raw(params, layout, in_job=False)
+    assert len(read_listing(layout.raw_listing(0), raw)) + len(
+        read_listing(layout.raw_listing(1), raw)
+    ) == len(NAMES)
