@@ -122,7 +122,10 @@ def crop_shard(
 ) -> int:
     raw_dir, crops_dir = Path(raw_dir), Path(crops_dir)
     listed = pq.read_table(images_path, schema=IMAGES, columns=["image", "duplicate_of"])
-    mine = [r for r in listed.to_pylist() if in_shard(r["image"], shard)]
+    # this shard's rows only, before any become Python objects (the table is the dataset's)
+    names = listed.column("image").to_pylist()
+    mine = listed.filter(pa.array([in_shard(n, shard) for n in names], pa.bool_())).to_pylist()
+    del names
     duplicates = {r["image"]: r["duplicate_of"] for r in mine if r["duplicate_of"]}
     by_image: dict[str, list[dict]] = {}
     columns = ["image", "face_index", "landmarks", "image_width", "image_height"]
