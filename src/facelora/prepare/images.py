@@ -116,6 +116,16 @@ def walk_files(root: str | Path) -> Iterator[tuple[str, os.DirEntry]]:
         stack.extend(reversed(subfolders))
 
 
+def printable(rel: str) -> str:
+    """A file name that is not valid UTF-8, with its odd bytes written as \\xNN."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def require_folder(root: str | Path) -> None:
+    if not Path(root).is_dir():
+        raise MissingInput(f"images folder not found: {root} (paths.raw in params.yaml)")
+
+
 def image_reason(rel: str, accepted: set[str]) -> tuple[str, str | None] | None:
     """(shown name, reason) for an image-like file name (None: not an image, e.g. a caption).
     The reason is None for files to decode, or why the file is refused without reading it."""
@@ -125,8 +135,7 @@ def image_reason(rel: str, accepted: set[str]) -> tuple[str, str | None] | None:
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
-        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        return shown, "file name is not valid UTF-8: rename the file"
+        return printable(rel), "file name is not valid UTF-8: rename the file"
     if ext in UNSUPPORTED_IMAGE_EXTENSIONS:
         supported = ", ".join(sorted(accepted))
         return rel, f"unsupported file type {ext} (supported: {supported})"
@@ -139,9 +148,7 @@ def scan_images(root: str | Path, params: ImagesParams) -> Iterator[tuple[str, P
     `reason` is None for files to decode, or why the file is refused without reading it.
     Hidden folders (.git, .dvc, ...) are not searched.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise MissingInput(f"images folder not found: {root} (paths.raw in params.yaml)")
+    require_folder(root)
     accepted = set(params.extensions)
     for rel, entry in walk_files(root):
         found = image_reason(rel, accepted)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from facelora.config import ImagesParams
 from facelora.io.sharding import shard_of
-from facelora.prepare.images import image_reason, walk_files
+from facelora.prepare.images import image_reason, printable, walk_files
 from facelora.prepare.pairs.layouts import MANIFEST_SUFFIXES
 
 SIDECAR_SUFFIXES = frozenset({".txt", *MANIFEST_SUFFIXES})
@@ -46,11 +46,6 @@ def _line(rel: str, entry: os.DirEntry, reason: str | None) -> str:
     except OSError:
         size = mtime = -1  # a broken link: detect records why it cannot be read
     return _encode([rel, size, mtime, reason]) + "\n"
-
-
-def printable(rel: str) -> str:
-    """A file name that is not valid UTF-8, with its odd bytes written as \\xNN."""
-    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def is_sidecar(rel: str) -> bool:

@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facelora.config import Params
-from facelora.errors import MissingInput
 from facelora.io.atomic import write_csv, write_parquet
 from facelora.io.parallel import ordered_map
 from facelora.io.progress import progress
@@ -30,7 +29,14 @@ from facelora.prepare.faces.align import face_frame
 from facelora.prepare.faces.backends import FaceBackend, make_backend
 from facelora.prepare.faces.pose import head_pose
 from facelora.prepare.faces.types import Face
-from facelora.prepare.images import ImageRejected, RawFile, decode_image, read_file, scan_images
+from facelora.prepare.images import (
+    ImageRejected,
+    RawFile,
+    decode_image,
+    read_file,
+    require_folder,
+    scan_images,
+)
 from facelora.prepare.listing import read_listing
 
 log = logging.getLogger(__name__)
@@ -217,8 +223,7 @@ def detect_shard(
     """Write this shard's faces and images tables. Returns (files, faces). With `listing`
     (the shard's file from facelora.prepare.listing) its files are read instead of walking
     the whole folder."""
-    if not Path(images_dir).is_dir():
-        raise MissingInput(f"images folder not found: {images_dir} (paths.raw in params.yaml)")
+    require_folder(images_dir)
     # load the models here: a missing file fails once, with its message, before any work
     backend = make_backend(params.faces)
     if listing is not None:
